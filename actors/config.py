@@ -1,0 +1,221 @@
+"""The config schema: one typed dataclass per component, loaded and validated once at the entry point.
+
+A YAML file is merged onto the schema, then ``key=value`` overrides from the command line. An unknown key or a
+value of the wrong type raises :class:`ConfigError` naming the full key path, before anything starts. Defaults
+live here and nowhere else; each component receives only its own section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the file and the full key path."""
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # Ray cluster to join; "" = $RAY_ADDRESS if set, else start a local cluster
+    num_cpus: Optional[int] = None  # CPUs of a local cluster (None = all)
+    dashboard: bool = False  # start the Ray dashboard with a local cluster
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # Hugging Face causal-LM directory; "" with `build` = a cache dir named after the build file
+    build: str = ""  # JSON recipe of a tiny model + char tokenizer (configs/models/); built into `path` if absent
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (learner and engines)
+
+
+@dataclass
+class SyntheticTaskConfig:
+    task: str = "reverse"  # reverse | sort: the answer is the string reversed / sorted
+    seed: int = 0
+    alphabet: str = "abcdefgh"
+    min_len: int = 3
+    max_len: int = 6
+    num_prompts: int = 4000  # RL prompts
+    num_expert: int = 4000  # expert demonstrations (prompt + correct response)
+    num_eval: int = 200  # held-out, disjoint from the other two
+
+
+@dataclass
+class DataConfig:
+    prompts: str = ""  # JSONL/Parquet: {"prompt": str, "answer": str, ...}; "" = generated from `synthetic`
+    expert: str = ""  # JSONL/Parquet: {"prompt": str, "response": str}
+    eval: str = ""  # JSONL/Parquet held-out set: {"prompt": str, "answer": str}
+    synthetic: Optional[SyntheticTaskConfig] = None  # generate the three files above into the run dir
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "vllm"  # vllm | hf (transformers generate; faster for tiny models on CPU)
+    num_actors: int = 1
+    n: int = 8  # samples per prompt (the GRPO group size)
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_model_len: int = 256
+    tensor_parallel_size: int = 1  # vLLM tensor parallelism inside one actor (GPUs per actor)
+    num_cpus: float = 0.5  # CPUs reserved per actor (placement bundle)
+    num_threads: int = 1  # torch / OpenMP threads per actor on CPU
+    kv_cache_gib: int = 1  # vLLM KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)
+    gpu_memory_utilization: float = 0.5  # vLLM on GPU
+
+
+@dataclass
+class RewardFnConfig:
+    name: str = MISSING  # registered reward name (rewards/registry.py)
+    weight: float = 1.0
+    args: dict = field(default_factory=dict)  # keyword arguments of the reward function
+
+
+@dataclass
+class RewardConfig:
+    num_actors: int = 1
+    functions: list[RewardFnConfig] = field(default_factory=lambda: [RewardFnConfig(name="exact_match")])
+    timeout_s: float = 10.0  # per reward function call on one batch
+    fallback: float = 0.0  # score given to a sample whose reward raised, hung or returned NaN
+    num_cpus: float = 0.25
+
+
+@dataclass
+class LearnerConfig:
+    num_actors: int = 1  # data-parallel ranks
+    zero_stage: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    warmup_steps: int = 0  # linear learning-rate warmup
+    decay_steps: int = 0  # cosine decay after warmup to min_lr_ratio * lr (0 = constant lr)
+    min_lr_ratio: float = 0.0
+    micro_batch_size: int = 64  # rows per forward/backward; the step accumulates over the rest
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    num_threads: int = 1
+    backend: str = ""  # torch.distributed backend; "" = nccl with GPUs, gloo without
+
+
+@dataclass
+class AlgoConfig:
+    prompts_per_step: int = 8  # B: prompts per step, each sampled rollout.n times
+    expert_ratio: float = 0.2  # share of a step's rows drawn from the expert set
+    mu_peak: float = 0.5
+    mu_valley: float = 0.02
+    mu_warmup_steps: int = 0
+    mu_decay_steps: int = 0
+    phi: bool = False  # weight SFT tokens by p(1-p)
+    clip_eps: float = 0.2
+    dual_clip: Optional[float] = None  # e.g. 3.0
+    adv_std_normalize: bool = True  # False = Dr. GRPO
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 0
+    eval_every: int = 20  # steps between evaluations (0 = only at the end)
+    eval_max_rows: int = 0  # evaluate on the first N held-out rows (0 = all)
+
+
+@dataclass
+class MetricsConfig:
+    host: str = "127.0.0.1"  # bind address of /metrics; anything else must be set here on purpose
+    port: int = 0  # 0 = any free port (printed at start and written to the run dir)
+
+
+@dataclass
+class ChorusConfig:
+    ray: RayConfig = field(default_factory=RayConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "rollout.backend": ("vllm", "hf"),
+    "learner.backend": ("", "gloo", "nccl"),
+    "data.synthetic.task": ("reverse", "sort"),
+}
+
+
+def _error(source: str, exc: OmegaConfBaseException) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(exc).split("\n")[0]
+    return ConfigError(f"{source}: config key '{key}': {msg}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> ChorusConfig:
+    """Schema <- YAML file <- ``key=value`` overrides; returns a validated :class:`ChorusConfig` object."""
+    cfg: DictConfig = OmegaConf.structured(ChorusConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        except OmegaConfBaseException as exc:
+            raise _error(str(path), exc) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        obj: ChorusConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise _error("command line" if overrides else str(path), exc) from None
+    validate(obj)
+    return obj
+
+
+def validate(cfg: ChorusConfig) -> None:
+    """Checks the schema's types cannot express; each message names the key."""
+    for key, allowed in _CHOICES.items():
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part) if obj is not None else None
+        if obj is not None and obj not in allowed:
+            raise ConfigError(f"config key '{key}': {obj!r} is not one of {list(allowed)}")
+    positive = {
+        "rollout.num_actors": cfg.rollout.num_actors,
+        "rollout.n": cfg.rollout.n,
+        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+        "reward.num_actors": cfg.reward.num_actors,
+        "learner.num_actors": cfg.learner.num_actors,
+        "learner.micro_batch_size": cfg.learner.micro_batch_size,
+        "algo.prompts_per_step": cfg.algo.prompts_per_step,
+        "train.steps": cfg.train.steps,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}': must be >= 1, got {value}")
+    if not 0.0 <= cfg.algo.expert_ratio < 1.0:
+        raise ConfigError(f"config key 'algo.expert_ratio': must be in [0, 1), got {cfg.algo.expert_ratio}")
+    for key in ("mu_peak", "mu_valley"):
+        if not 0.0 <= getattr(cfg.algo, key) <= 1.0:
+            raise ConfigError(f"config key 'algo.{key}': must be in [0, 1]")
+    if not cfg.reward.functions:
+        raise ConfigError("config key 'reward.functions': at least one reward function is needed")
+    if not cfg.model.path and not cfg.model.build:
+        raise ConfigError("config key 'model.path': set a Hugging Face model directory (or model.build)")
+    if cfg.data.synthetic is None and not (cfg.data.prompts and cfg.data.eval):
+        raise ConfigError("config key 'data.prompts': set data.prompts and data.eval, or data.synthetic")
+    if cfg.algo.expert_ratio > 0 and cfg.data.synthetic is None and not cfg.data.expert:
+        raise ConfigError("config key 'data.expert': algo.expert_ratio > 0 needs an expert data file")
+
+
+def to_yaml(cfg: ChorusConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

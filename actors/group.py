@@ -1,0 +1,82 @@
+"""ActorGroup: N Ray actors of one role, their placement group, their env, and calls that survive a restart."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+log = logging.getLogger("chorus")
+
+
+class ActorGroup:
+    """``size`` actors of ``cls``, one placement-group bundle each (``bundle``: e.g. {"CPU": 1, "GPU": 1}).
+
+    ``make_kwargs(rank)`` gives each actor's constructor arguments. Actors that may be restarted by Ray
+    (``max_restarts`` > 0) have calls that died with them retried by :meth:`map` up to ``retries`` times.
+    """
+
+    def __init__(self, role: str, cls: type, size: int, bundle: dict[str, float],
+                 make_kwargs: Callable[[int], dict], *, env: dict[str, str] | None = None,
+                 strategy: str = "PACK", max_restarts: int = 0, retries: int = 0, ready_timeout_s: float = 600):
+        self.role, self.retries, self.restarts = role, retries, 0
+        bundle = {k: v for k, v in bundle.items() if v}
+        self.pg = placement_group([dict(bundle)] * size, strategy=strategy, name=f"chorus-{role}")
+        try:
+            ray.get(self.pg.ready(), timeout=ready_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"{role}: the cluster cannot place {size} x {bundle} "
+                               f"(resources: {ray.cluster_resources()})") from None
+        remote_cls = ray.remote(cls)
+        self.actors = [
+            remote_cls.options(
+                num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), max_restarts=max_restarts,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                runtime_env={"env_vars": env or {}}, name=None,
+            ).remote(**make_kwargs(i))
+            for i in range(size)
+        ]
+        ray.get([a.ready.remote() for a in self.actors], timeout=ready_timeout_s)
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def all(self, method: str, *args, **kwargs) -> list[Any]:
+        """Call ``method`` with the same arguments on every actor (collective work, e.g. a learner step)."""
+        return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+
+    def map(self, method: str, shards: list[tuple], on_pending: Callable[[int], None] | None = None) -> list[Any]:
+        """Call ``method(*shards[i])`` on actor ``i % size``; results in shard order. A shard whose actor died
+        is resubmitted (Ray restarts the actor) up to ``retries`` times, each counted in ``restarts``."""
+        refs = {i: getattr(self.actors[i % len(self.actors)], method).remote(*s) for i, s in enumerate(shards)}
+        results: dict[int, Any] = {}
+        attempts = dict.fromkeys(refs, 0)
+        while refs:
+            if on_pending:
+                on_pending(len(refs))
+            ready, _ = ray.wait(list(refs.values()), num_returns=1)
+            i = next(k for k, r in refs.items() if r == ready[0])
+            try:
+                results[i] = ray.get(refs.pop(i))
+            except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
+                attempts[i] += 1
+                if attempts[i] > self.retries:
+                    raise RuntimeError(f"{self.role} actor {i % len(self.actors)} died {attempts[i]} times "
+                                       f"on the same work: {exc}") from exc
+                self.restarts += 1
+                log.warning("%s actor %d died (%s); retrying its work", self.role, i % len(self.actors), exc)
+                time.sleep(1.0)
+                refs[i] = getattr(self.actors[i % len(self.actors)], method).remote(*shards[i])
+        if on_pending:
+            on_pending(0)
+        return [results[i] for i in range(len(shards))]
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        remove_placement_group(self.pg)

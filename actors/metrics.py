@@ -1,0 +1,79 @@
+"""Prometheus metrics served by the driver, and the run directory's metrics.jsonl.
+
+Names follow Prometheus conventions: ``chorus_`` prefix, base units, ``_total`` on counters, ``_seconds`` on
+durations. The README's metrics table lists each one; tests scrape the endpoint over HTTP and check the names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+PHASES = ("generate", "reward", "train", "sync", "eval", "other")
+
+
+class Metrics:
+    def __init__(self, host: str, port: int):
+        r = self.registry = CollectorRegistry()
+        self.step = Gauge("chorus_step", "Optimiser steps completed", registry=r)
+        self.samples = Counter("chorus_samples_generated_total", "Responses generated for training", registry=r)
+        self.tokens = Counter("chorus_tokens_generated_total", "Response tokens generated for training", registry=r)
+        self.expert_rows = Counter("chorus_expert_rows_total", "Expert demonstration rows trained on", registry=r)
+        self.reward = Gauge("chorus_reward_mean", "Mean reward of the step's responses, per component "
+                            "(component=\"total\" is the weighted sum)", ["component"], registry=r)
+        self.loss = Gauge("chorus_loss", "Loss of the step by kind (rl, sft, total)", ["kind"], registry=r)
+        self.mu = Gauge("chorus_mu", "CHORD weight of the SFT term", registry=r)
+        self.kl = Gauge("chorus_kl", "k3 estimate of KL(behaviour policy || current policy) on RL tokens", registry=r)
+        self.entropy = Gauge("chorus_entropy", "Mean token entropy of the policy on RL tokens (nats)", registry=r)
+        self.clip_frac = Gauge("chorus_clip_fraction", "Share of RL tokens whose ratio was clipped", registry=r)
+        self.grad_norm = Gauge("chorus_grad_norm", "Global gradient norm before clipping", registry=r)
+        self.lr = Gauge("chorus_learning_rate", "Learning rate", registry=r)
+        self.response_len = Gauge("chorus_response_length_tokens", "Mean response length (tokens)", registry=r)
+        self.eval_accuracy = Gauge("chorus_eval_accuracy", "Held-out accuracy of greedy generation", registry=r)
+        self.phase = Gauge("chorus_step_phase_seconds", "Seconds the last step spent in each phase", ["phase"],
+                           registry=r)
+        self.phase_total = Counter("chorus_phase_seconds_total", "Seconds spent in each phase", ["phase"],
+                                   registry=r)
+        self.step_seconds = Gauge("chorus_step_seconds", "Wall time of the last step", registry=r)
+        self.queue = Gauge("chorus_queue_depth", "Requests in flight per actor pool", ["pool"], registry=r)
+        self.restarts = Counter("chorus_actor_restarts_total", "Actor deaths survived by a retry", ["role"],
+                                registry=r)
+        self.reward_failures = Counter("chorus_reward_failures_total", "Reward calls that raised, timed out or "
+                                       "returned NaN/None, per sample", ["reward"], registry=r)
+        self.sync_bytes = Counter("chorus_weight_sync_bytes_total", "Bytes of weights pushed to rollout engines",
+                                  registry=r)
+        self.sync_seconds = Gauge("chorus_weight_sync_seconds", "Seconds of the last weight sync", registry=r)
+        for phase in PHASES:
+            self.phase.labels(phase)
+            self.phase_total.labels(phase)
+        for pool in ("rollout", "reward", "learner"):
+            self.queue.labels(pool)
+            self.restarts.labels(pool)
+        for kind in ("rl", "sft", "total"):
+            self.loss.labels(kind)
+        self.server, self.thread = start_http_server(port, addr=host, registry=r)
+        self.host, self.port = host, self.server.server_port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class JsonlLog:
+    """One JSON object per step, appended and flushed so a crash loses at most the line being written."""
+
+    def __init__(self, path: Path):
+        self.f = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()

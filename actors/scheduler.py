@@ -1,0 +1,62 @@
+"""The scheduler: which prompts and expert rows make up step k, and the CHORD weight mu(k). No Ray here."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from actors.config import AlgoConfig
+from rollout.data import Cursor
+
+
+def mu_at(step: int, *, mu_peak: float, mu_valley: float, warmup_steps: int, decay_steps: int) -> float:
+    """CHORD's mu schedule (as in the paper's public implementation in Trinity-RFT):
+
+        step <  W:          mu = mu_peak * step / W                                        (linear warmup)
+        W <= step < W + D:  mu = mu_valley + (mu_peak - mu_valley) * (1 + cos(pi * (step - W) / D)) / 2
+        step >= W + D:      mu = mu_valley
+
+    With W = D = 0 mu is the constant mu_valley.
+    """
+    if step < warmup_steps:
+        return mu_peak * step / warmup_steps
+    s = step - warmup_steps
+    if s < decay_steps:
+        return mu_valley + (mu_peak - mu_valley) * 0.5 * (1.0 + math.cos(math.pi * s / decay_steps))
+    return mu_valley
+
+
+def num_expert_rows(on_policy_rows: int, expert_ratio: float) -> int:
+    """E such that E / (E + on_policy_rows) is as close to ``expert_ratio`` as whole rows allow."""
+    return round(expert_ratio * on_policy_rows / (1.0 - expert_ratio))
+
+
+@dataclass
+class StepPlan:
+    step: int
+    prompt_ids: list[int]  # rows of the prompt set; each is sampled n times
+    expert_ids: list[int]  # rows of the expert set
+    mu: float
+
+
+class Scheduler:
+    def __init__(self, cfg: AlgoConfig, group_size: int, num_prompts: int, num_expert: int, seed: int):
+        self.cfg = cfg
+        self.num_expert = num_expert_rows(cfg.prompts_per_step * group_size, cfg.expert_ratio) if num_expert else 0
+        self.prompts = Cursor(num_prompts, seed)
+        self.expert = Cursor(max(num_expert, 1), seed + 1)
+
+    def mu(self, step: int) -> float:
+        c = self.cfg
+        return mu_at(step, mu_peak=c.mu_peak, mu_valley=c.mu_valley,
+                     warmup_steps=c.mu_warmup_steps, decay_steps=c.mu_decay_steps)
+
+    def plan(self, step: int) -> StepPlan:
+        mu = self.mu(step)
+        # mu = 1 is pure SFT: the RL term has no weight, so generating rollouts would be wasted work.
+        prompt_ids = self.prompts.take(self.cfg.prompts_per_step) if mu < 1.0 else []
+        expert_ids = self.expert.take(self.num_expert) if mu > 0.0 else []
+        return StepPlan(step=step, prompt_ids=prompt_ids, expert_ids=expert_ids, mu=mu)
+
+    def state(self) -> dict:
+        return {"prompts": vars(self.prompts).copy(), "expert": vars(self.expert).copy()}

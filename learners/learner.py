@@ -1,0 +1,177 @@
+"""The learner actor: one data-parallel rank owning a DeepSpeed engine (ZeRO; gloo on CPU, NCCL on GPU).
+
+The actor group (actors/group.py) starts ``world_size`` of these and gives each its rank and the rendezvous
+address. Every rank gets its share of the step's rows; the loss of each term is normalised by the token count
+of the *global* batch, so the summed gradient equals that of the unsplit batch (see learners/losses.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from functools import partial
+from pathlib import Path
+
+from actors.config import AlgoConfig, LearnerConfig
+from learners.batch import TrainBatch, collate
+
+
+def lr_factor(step: int, *, cfg: LearnerConfig) -> float:
+    """Multiplier of ``cfg.lr`` at optimiser step ``step``: linear warmup, then cosine decay to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if not cfg.decay_steps:
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / cfg.decay_steps)
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LearnerActor:
+    def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgoConfig, *, dtype: str, seed: int,
+                 rank: int, world_size: int):
+        # Construction is cheap; setup() joins the process group once rank 0 has said where it listens.
+        self.model_path, self.cfg, self.algo, self.dtype, self.seed = model_path, cfg, algo, dtype, seed
+        self.rank, self.world_size = rank, world_size
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free port: the rendezvous of the process group, asked of rank 0."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        import torch
+
+        cfg, dtype, model_path = self.cfg, self.dtype, self.model_path
+        gpu = torch.cuda.is_available()
+        if not gpu:
+            os.environ["DS_ACCELERATOR"] = "cpu"  # must be set before deepspeed is imported
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        torch.set_num_threads(cfg.num_threads)
+        torch.manual_seed(self.seed)
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        deepspeed.init_distributed(dist_backend=cfg.backend or ("nccl" if gpu else "gloo"))
+        self.torch = torch
+        self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+        self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+            "gradient_accumulation_steps": 1,  # micro-batches are accumulated by hand in train_step
+            "gradient_clipping": cfg.grad_clip,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "bf16": {"enabled": dtype == "bfloat16"},
+            "fp16": {"enabled": dtype == "float16"},
+            "optimizer": {"type": "AdamW", "params": {
+                "lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay, "torch_adam": True}},
+            "steps_per_print": 10**9,
+        }
+
+        def schedule(optimizer):
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg))
+
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
+                                               lr_scheduler=schedule)
+
+    # --- forward passes ---------------------------------------------------------------------------------------
+
+    def _forward(self, t):
+        from learners.losses import token_logprobs
+
+        logits = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask).logits[:, :-1]  # [B, L-1, V]
+        return logits, token_logprobs(logits, t.targets)  # [B, L-1]
+
+    def logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        """Log-probabilities of each row's response tokens under the current weights: [B][L_i - P_i]."""
+        torch = self.torch
+        self.engine.eval()
+        with torch.no_grad():
+            t = collate(batch, self.pad_id, self.device)
+            _, lp = self._forward(t)
+        return [lp[i, p - 1 : len(ids) - 1].tolist() for i, (ids, p) in enumerate(zip(batch.input_ids, batch.prompt_lens))]
+
+    # --- one optimiser step -----------------------------------------------------------------------------------
+
+    def train_step(self, batch: TrainBatch, *, mu: float, num_micro: int, n_rl_tokens: int,
+                   n_sft_tokens: int) -> dict[str, float]:
+        """One optimiser step over this rank's rows in ``num_micro`` micro-batches (the same on every rank).
+
+        ``n_rl_tokens`` / ``n_sft_tokens`` are the token counts of the whole step across ranks. DeepSpeed averages
+        gradients over ranks, so the loss is multiplied by the world size to make the result the global sum.
+        """
+        from learners.losses import chord_loss, entropy_from_logits
+
+        torch, algo = self.torch, self.algo
+        start = time.perf_counter()
+        self.engine.train()
+        rows = list(range(len(batch)))
+        size = -(-len(rows) // num_micro)
+        totals: dict[str, torch.Tensor] = {}
+        for k in range(num_micro):
+            t = collate(batch.select(rows[k * size : (k + 1) * size]), self.pad_id, self.device)
+            logits, logprobs = self._forward(t)
+            loss, metrics = chord_loss(
+                logprobs, t.old_logprobs, t.advantages, t.mask, t.is_expert, mu=mu, clip_eps=algo.clip_eps,
+                dual_clip=algo.dual_clip, phi=algo.phi, n_rl_tokens=n_rl_tokens, n_sft_tokens=n_sft_tokens,
+            )
+            # Accumulate over the micro-batches ourselves: their number changes from step to step with mu.
+            self.engine.set_gradient_accumulation_boundary(k == num_micro - 1)
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            with torch.no_grad():
+                rl_mask = t.mask * (~t.is_expert).float().unsqueeze(-1)
+                metrics["entropy"] = (entropy_from_logits(logits) * rl_mask).sum() / max(n_rl_tokens, 1)
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + value
+        self.engine.step()
+        out = {name: float(value) for name, value in totals.items()}
+        out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        out["lr"] = float(self.engine.get_lr()[0])
+        out["train_seconds"] = time.perf_counter() - start
+        return out
+
+    # --- weights out ------------------------------------------------------------------------------------------
+
+    def _full_state_dict(self) -> dict:
+        """HF-named full weights on the CPU; under ZeRO-3 every rank must call this (it gathers shards)."""
+        torch = self.torch
+        module = self.engine.module
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+        with torch.no_grad():
+            return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+
+    def save_weights(self, path: str) -> int:
+        """Write the full weights to a safetensors file (rank 0) for the rollout engines; returns its bytes."""
+        from safetensors.torch import save_file
+
+        state = self._full_state_dict()
+        if self.rank != 0:
+            return 0
+        tmp = f"{path}.tmp"
+        save_file(state, tmp)
+        os.replace(tmp, path)  # engines never see a half-written file
+        return os.path.getsize(path)
+
+    def save_pretrained(self, out_dir: str, tokenizer_dir: str) -> None:
+        """The model in Hugging Face format (rank 0 writes), loadable by transformers and vLLM."""
+        from transformers import AutoTokenizer
+
+        state = self._full_state_dict()
+        if self.rank == 0:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+
+    def ready(self) -> bool:
+        return True

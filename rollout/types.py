@@ -1,0 +1,46 @@
+"""Typed records that cross actor boundaries. Fields are plain ints, floats and strings so that a record can
+leave the process tree as msgpack (``to_msgpack``); inside the Ray cluster Ray's own transport carries them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import msgpack
+
+
+@dataclass
+class SamplingSpec:
+    """How to generate: the engine-independent subset of sampling parameters."""
+
+    n: int = 1  # samples per prompt
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+
+
+@dataclass
+class Completion:
+    """One sampled response to one prompt."""
+
+    prompt_index: int  # index of the prompt in the request this answers
+    token_ids: list[int]  # [T_i] response tokens, the stop token included when it was generated
+    logprobs: list[float]  # [T_i] behaviour log-probabilities of token_ids under the engine's weights
+    text: str  # detokenised response without special tokens
+    finish_reason: str  # "stop" (EOS) | "length" (max_new_tokens)
+
+
+@dataclass
+class Scored:
+    """A completion's reward: total = sum_k weight_k * components[k]."""
+
+    total: float
+    components: dict[str, float] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)  # names of reward functions that raised, hung or gave NaN
+
+
+def to_msgpack(record) -> bytes:
+    return msgpack.packb(asdict(record), use_bin_type=True)
+
+
+def from_msgpack(cls, data: bytes):
+    return cls(**msgpack.unpackb(data, raw=False))
