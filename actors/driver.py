@@ -55,6 +55,9 @@ class Trainer:
         self.scheduler = Scheduler(cfg.algo, cfg.rollout.n, len(self.prompts), len(self.expert), cfg.train.seed)
         self.sync_dir = Path(tempfile.mkdtemp(prefix="chorus-sync-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
         self.metrics = Metrics(cfg.metrics.host, cfg.metrics.port)
+        for f in cfg.reward.functions:  # export zeros from the start, not only after a first failure
+            self.metrics.reward_failures.labels(f.name)
+            self.metrics.reward.labels(f.name)
         (self.run_dir / "metrics_url").write_text(self.metrics.url + "\n")
         self.log = JsonlLog(self.run_dir / "metrics.jsonl")
         self._start_ray()
@@ -105,7 +108,9 @@ class Trainer:
 
         cfg = self.cfg
         gpu = torch.cuda.is_available()
-        base_env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING",
+        # vLLM warns on every weight reload that the rotary embedding has no weights to load (it has none to
+        # train either): at WARNING that is one line per step, so engines log errors only.
+        base_env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "ERROR",
                     "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
         lc = cfg.learner
         self.learners = ActorGroup(
@@ -142,7 +147,7 @@ class Trainer:
         cfg = self.cfg.train
         start = time.perf_counter()
         accuracy = None
-        bar = tqdm(range(cfg.steps), desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(range(cfg.steps), desc="train", unit="step", dynamic_ncols=True, disable=None)  # off without a tty
         for step in bar:
             record = self.step(self.scheduler.plan(step))
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:

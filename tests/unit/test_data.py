@@ -1,0 +1,143 @@
+"""rollout/data.py: loader errors name file:line; the cursor; the synthetic task."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from rollout.data import Cursor, DataError, load_rows, make_synthetic, write_jsonl
+
+
+def write_lines(tmp_path, lines: list[str], name: str = "rows.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_load_rows_roundtrip_keeps_extra_fields(tmp_path):
+    rows = [{"prompt": "ab=", "answer": "ba", "level": 3}, {"prompt": "c=", "answer": "c"}]
+    write_jsonl(tmp_path / "p.jsonl", rows)
+    assert load_rows(tmp_path / "p.jsonl", "prompts") == rows
+
+
+def test_load_rows_malformed_json_names_file_and_line(tmp_path):
+    # line 2 is blank (skipped, but still counted), the bad JSON is on line 3 of the file
+    path = write_lines(tmp_path, ['{"prompt": "a=", "answer": "a"}', "", '{"prompt": "b=", "answer": '])
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:3: not valid JSON"):
+        load_rows(path, "prompts")
+
+
+def test_load_rows_missing_field_names_file_line_and_field(tmp_path):
+    path = write_lines(tmp_path, ['{"prompt": "a=", "response": "a"}', '{"prompt": "b="}'])
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:2: field 'response'"):
+        load_rows(path, "expert")
+    # the same rows lack 'answer' already on line 1 for the prompt set
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:1: field 'answer'"):
+        load_rows(path, "prompts")
+
+
+def test_load_rows_non_string_field_and_non_object_row(tmp_path):
+    path = write_lines(tmp_path, ['{"prompt": "a=", "answer": 42}'])
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:1: field 'answer'"):
+        load_rows(path, "eval")
+    path = write_lines(tmp_path, ['{"prompt": "a=", "answer": "a"}', '["a=", "a"]'], "list.jsonl")
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:2: a row must be a JSON object"):
+        load_rows(path, "eval")
+
+
+def test_load_rows_missing_and_empty_files(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_rows(tmp_path / "absent.jsonl", "prompts")
+    with pytest.raises(DataError, match="no rows"):
+        load_rows(write_lines(tmp_path, [""]), "prompts")
+
+
+def test_load_rows_parquet_names_row(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "e.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a=", "response": "a"}, {"prompt": "b=", "response": None}]),
+                   path)
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: row 2: field 'response'"):
+        load_rows(path, "expert")
+
+
+# --- Cursor -----------------------------------------------------------------------------------------------------
+
+
+def test_cursor_yields_a_permutation_per_epoch():
+    c = Cursor(7, seed=5)
+    epochs = [c.take(7) for _ in range(3)]
+    for order in epochs:
+        assert sorted(order) == list(range(7))
+    assert len({tuple(o) for o in epochs}) > 1  # a fresh shuffle each epoch, not the same order again
+    assert (c.epoch, c.pos) == (3, 0)
+
+
+def test_cursor_is_deterministic_and_chunking_does_not_matter():
+    whole = Cursor(10, seed=1).take(25)  # crosses two epoch boundaries
+    c = Cursor(10, seed=1)
+    chunks = c.take(3) + c.take(9) + c.take(1) + c.take(12)
+    assert chunks == whole
+    assert sorted(whole[:10]) == list(range(10)) and sorted(whole[10:20]) == list(range(10))
+    assert Cursor(10, seed=2).take(10) != whole[:10]  # the seed matters
+
+
+def test_cursor_resumes_from_saved_state():
+    # Scheduler.state() saves vars(cursor); a cursor rebuilt from it continues the same sequence.
+    a = Cursor(6, seed=9)
+    a.take(4)
+    b = Cursor(**vars(a).copy())
+    assert a.take(10) == b.take(10)
+
+
+# --- synthetic task ---------------------------------------------------------------------------------------------
+
+_KW = dict(seed=0, alphabet="abcd", min_len=2, max_len=4, num_prompts=300, num_expert=300, num_eval=40)
+
+
+@pytest.mark.parametrize("task, answer", [("reverse", lambda s: s[::-1]), ("sort", lambda s: "".join(sorted(s)))])
+def test_synthetic_answers_are_correct(task, answer):
+    data = make_synthetic(task, **_KW)
+    assert [len(data[k]) for k in ("prompts", "expert", "eval")] == [300, 300, 40]
+    for kind, field in (("prompts", "answer"), ("expert", "response"), ("eval", "answer")):
+        for row in data[kind]:
+            s = row["prompt"]
+            assert s.endswith("=")
+            s = s[:-1]
+            assert 2 <= len(s) <= 4 and set(s) <= set("abcd")
+            assert row[field] == answer(s)
+
+
+def test_synthetic_reverse_by_hand():
+    # the rule itself, on one row: "abc=" -> "cba"
+    row = make_synthetic("reverse", **_KW)["prompts"][0]
+    assert row["answer"] == "".join(reversed(row["prompt"][:-1]))
+    assert any(r["answer"] != r["prompt"][:-1] for r in make_synthetic("reverse", **_KW)["prompts"])  # not identity
+
+
+def test_synthetic_eval_is_disjoint_and_deterministic():
+    data = make_synthetic("reverse", **_KW)
+    held = {r["prompt"] for r in data["eval"]}
+    assert len(held) == 40  # distinct held-out strings
+    assert held.isdisjoint(r["prompt"] for r in data["prompts"])
+    assert held.isdisjoint(r["prompt"] for r in data["expert"])
+    assert make_synthetic("reverse", **_KW) == data
+    assert make_synthetic("reverse", **{**_KW, "seed": 1}) != data
+    json.dumps(data)  # writable as JSONL
+
+
+def test_synthetic_refuses_too_small_universe():
+    # alphabet "ab", lengths 1..2: 2 + 4 = 6 strings; 2 held-out rows need 4 * 2 = 8 > 6
+    with pytest.raises(ValueError, match="only 6 distinct strings"):
+        make_synthetic("reverse", seed=0, alphabet="ab", min_len=1, max_len=2,
+                       num_prompts=1, num_expert=1, num_eval=2)
+
+
+def test_synthetic_rows_load_back(tmp_path):
+    data = make_synthetic("sort", **{**_KW, "seed": 7})
+    for kind, rows in data.items():
+        write_jsonl(tmp_path / f"{kind}.jsonl", rows)
+        assert load_rows(tmp_path / f"{kind}.jsonl", kind) == rows
