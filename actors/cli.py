@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from actors.config import ConfigError, load_config
+from rollout.data import DataError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"chorus: config error: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        print(f"chorus: data error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from actors.config import ChorusConfig, to_yaml
+from actors.config import ChorusConfig, ConfigError, to_yaml
 from actors.metrics import PHASES, JsonlLog, Metrics
 from actors.scheduler import Scheduler, StepPlan
 from learners.advantages import grpo_advantages
@@ -48,20 +48,32 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        for name in cfg.reward.functions:  # fail before any actor starts
-            resolve(name.name)
-        self.model_path = ensure_model(cfg.model.path, cfg.model.build)
+        for i, f in enumerate(cfg.reward.functions):  # fail before anything starts
+            try:
+                resolve(f.name)
+            except KeyError as exc:
+                raise ConfigError(f"config key 'reward.functions[{i}].name': {exc.args[0]}") from None
+        try:
+            self.model_path = ensure_model(cfg.model.path, cfg.model.build)
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
         self._load_data()
         self.scheduler = Scheduler(cfg.algo, cfg.rollout.n, len(self.prompts), len(self.expert), cfg.train.seed)
-        self.sync_dir = Path(tempfile.mkdtemp(prefix="chorus-sync-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
         self.metrics = Metrics(cfg.metrics.host, cfg.metrics.port)
         for f in cfg.reward.functions:  # export zeros from the start, not only after a first failure
             self.metrics.reward_failures.labels(f.name)
             self.metrics.reward.labels(f.name)
         (self.run_dir / "metrics_url").write_text(self.metrics.url + "\n")
         self.log = JsonlLog(self.run_dir / "metrics.jsonl")
-        self._start_ray()
-        self._start_actors()
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # weight hand-off in memory, not on disk
+        self.sync_dir = Path(tempfile.mkdtemp(prefix="chorus-sync-", dir=shm))
+        self.own_ray = False
+        try:
+            self._start_ray()
+            self._start_actors()
+        except BaseException:
+            self.close()  # a failed start must not leave actors, a port or a Ray cluster behind
+            raise
 
     # --- setup ------------------------------------------------------------------------------------------------
 

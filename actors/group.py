@@ -26,18 +26,27 @@ class ActorGroup:
                  strategy: str = "PACK", max_restarts: int = 0, retries: int = 0, ready_timeout_s: float = 600):
         self.role, self.retries, self.restarts = role, retries, 0
         bundle = {k: v for k, v in bundle.items() if v}
+        self.actors: list = []
         self.pg = placement_group([dict(bundle)] * size, strategy=strategy, name=f"chorus-{role}")
         try:
             ray.get(self.pg.ready(), timeout=ready_timeout_s)
         except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
             raise RuntimeError(f"{role}: the cluster cannot place {size} x {bundle} "
                                f"(resources: {ray.cluster_resources()})") from None
+        try:
+            self._start(cls, size, bundle, make_kwargs, env, max_restarts, ready_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, cls, size, bundle, make_kwargs, env, max_restarts, ready_timeout_s) -> None:
         remote_cls = ray.remote(cls)
         self.actors = [
             remote_cls.options(
                 num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), max_restarts=max_restarts,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-                runtime_env={"env_vars": env or {}}, name=None,
+                runtime_env={"env_vars": env or {}},
             ).remote(**make_kwargs(i))
             for i in range(size)
         ]
