@@ -7,10 +7,11 @@ live here and nowhere else; each component receives only its own section.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -158,6 +159,38 @@ def _error(source: str, exc: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"{source}: config key '{key}': {msg}")
 
 
+# Fields holding a list of dataclasses: OmegaConf checks their elements without the list's path, so they are
+# checked here element by element to name the key in full (``reward.functions[1].wieght``).
+_LISTS = {("reward", "functions"): RewardFnConfig}
+
+
+def _check_lists(source: str, layer: DictConfig) -> None:
+    for (section, key), schema in _LISTS.items():
+        items = OmegaConf.select(layer, f"{section}.{key}", default=None)
+        if items is None:
+            continue
+        if not OmegaConf.is_list(items):
+            raise ConfigError(f"{source}: config key '{section}.{key}': expected a list of "
+                              f"{{{', '.join(f.name for f in fields(schema))}}}, "
+                              f"e.g. {section}.{key}='[{{name: exact_match}}]'")
+        for i, item in enumerate(items):
+            try:
+                OmegaConf.merge(OmegaConf.structured(schema), item)
+            except OmegaConfBaseException as exc:
+                exc.full_key = f"{section}.{key}[{i}].{exc.full_key}" if exc.full_key else f"{section}.{key}[{i}]"
+                raise _error(source, exc) from None
+
+
+def _merge(cfg: DictConfig, layer, source: str) -> DictConfig:
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"{source}: a config must be a mapping of sections (ray, model, data, ...)")
+    _check_lists(source, layer)
+    try:
+        return OmegaConf.merge(cfg, layer)
+    except OmegaConfBaseException as exc:
+        raise _error(source, exc) from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ChorusConfig:
     """Schema <- YAML file <- ``key=value`` overrides; returns a validated :class:`ChorusConfig` object."""
     cfg: DictConfig = OmegaConf.structured(ChorusConfig)
@@ -166,17 +199,22 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> ChorusCon
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        except OmegaConfBaseException as exc:
-            raise _error(str(path), exc) from None
+            layer = OmegaConf.load(path)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        cfg = _merge(cfg, layer, str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value")
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        layer = OmegaConf.from_dotlist(list(overrides))
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        raise ConfigError(f"command line: cannot parse overrides: {exc}") from None
+    cfg = _merge(cfg, layer, "command line")
+    try:
         obj: ChorusConfig = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
-        raise _error("command line" if overrides else str(path), exc) from None
+        raise _error(str(path), exc) from None
     validate(obj)
     return obj
 

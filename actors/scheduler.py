@@ -27,7 +27,7 @@ def mu_at(step: int, *, mu_peak: float, mu_valley: float, warmup_steps: int, dec
 
 
 def num_expert_rows(on_policy_rows: int, expert_ratio: float) -> int:
-    """E such that E / (E + on_policy_rows) is as close to ``expert_ratio`` as whole rows allow."""
+    """E = round(r * R / (1 - r)): the whole number of expert rows that makes E / (E + R) about ``expert_ratio``."""
     return round(expert_ratio * on_policy_rows / (1.0 - expert_ratio))
 
 

@@ -54,7 +54,9 @@ def ppo_clip_loss(
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)  # [B, 1], broadcast over T
-    log_ratio = logprobs - old_logprobs  # [B, T]
+    # Positions outside the mask get log_ratio 0, not their raw value: an expert token with log p = -100 would make
+    # exp(-log_ratio) infinite, and inf * 0 is nan however well the mask is applied afterwards.
+    log_ratio = torch.where(mask > 0, logprobs - old_logprobs, torch.zeros_like(logprobs))  # [B, T]
     ratio = torch.exp(log_ratio)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)

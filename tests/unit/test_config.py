@@ -150,11 +150,9 @@ def test_reward_function_without_name_names_its_path(tmp_path):
         load_config(write(tmp_path, BASE), ["reward.functions=[{weight: 2}]"])
 
 
-# --- known bugs: kept as strict xfails so that the fix turns them into failures to un-mark ---------------------
+# --- errors once lost or garbled: list elements, list overrides, YAML syntax ------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: errors inside a list element lose the path: 'wieght', not 'reward.functions[1].wieght'")
 @pytest.mark.parametrize("source", ["yaml", "override"])
 def test_unknown_key_in_reward_function_names_full_path(tmp_path, source):
     functions = "[{name: exact_match}, {name: exact_match, wieght: 2}]"
@@ -166,8 +164,6 @@ def test_unknown_key_in_reward_function_names_full_path(tmp_path, source):
         load_config(*args)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="BUG: an override into a list element raises a bare TypeError, not ConfigError")
 def test_override_into_reward_function_raises_config_error(tmp_path):
     # from_dotlist makes {'functions': {'0': ...}}, a dict that OmegaConf cannot merge onto the list; the cli only
     # catches ConfigError, so the user gets a traceback "Cannot merge incompatible container types".
@@ -175,8 +171,6 @@ def test_override_into_reward_function_raises_config_error(tmp_path):
         load_config(write(tmp_path, BASE), ["reward.functions.0.weight=2.0"])
 
 
-@pytest.mark.xfail(strict=True, raises=yaml.YAMLError,
-                   reason="BUG: a YAML syntax error escapes as a yaml exception, not ConfigError")
 def test_malformed_yaml_raises_config_error(tmp_path):
     # the cli only catches ConfigError; OmegaConf.load raises yaml.YAMLError, which is no OmegaConfBaseException
     with pytest.raises(ConfigError):

@@ -159,8 +159,6 @@ def test_dual_clip_caps_loss_for_negative_advantages():
     close(loss_of(-3.0, 1.0, 3.0)[0], -math.exp(-3.0))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: masking by multiplication: inf * 0 = nan in the kl metric")
 def test_ppo_metrics_ignore_masked_positions_with_extreme_logprobs():
     # In chord_loss the RL term sees expert rows masked out, with old_logprobs = 0 there, so log_ratio = logprobs.
     # An expert token with float32 log p = -100 gives exp(-log_ratio) = exp(100) = inf (float32 max ~ 3.4e38),
@@ -233,6 +231,12 @@ def test_chord_loss_by_hand_each_term_normalised_over_its_own_rows():
     close(metrics["sft_loss"], math.log(2.0))
     close(metrics["sft_nll"], math.log(2.0))
     close(metrics["loss"], num(loss))
+    # Given the step's global counts (10 on-policy, 4 expert tokens) each sum goes over its own count:
+    # 0.75 * (-1.0 / 10) + 0.25 * (0.6931472 / 4) = -0.075 + 0.0433217 = -0.0316783
+    loss, metrics = chord_loss(logprobs, old, t64([0.5, 0.0]), mask, torch.tensor([False, True]),
+                               mu=0.25, clip_eps=0.2, n_rl_tokens=10, n_sft_tokens=4)
+    close(loss, 0.75 * (-1.0 / 10) + 0.25 * (math.log(2.0) / 4))
+    close(metrics["sft_nll"], math.log(2.0) / 4)
 
 
 def _random_batch(seed: int, B: int = 7, T: int = 6):
@@ -281,6 +285,8 @@ def test_chord_split_sums_to_unsplit_loss_and_gradient():
     kw = dict(mu=0.3, clip_eps=0.2, dual_clip=3.0, phi=True)
     full, full_metrics = chord_loss(logprobs, old, adv, mask, is_expert, n_rl_tokens=n_rl, n_sft_tokens=n_sft, **kw)
     (full_grad,) = torch.autograd.grad(full, logprobs)
+    # the global counts of the whole batch are its own counts: same loss as the defaults
+    close(full, num(chord_loss(logprobs, old, adv, mask, is_expert, **kw)[0]), atol=1e-12)
 
     parts = [slice(0, 2), slice(2, 3), slice(3, 7)]  # uneven; the middle part has no expert row (n_sft local = 0)
     assert not is_expert[parts[1]].any()
