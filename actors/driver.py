@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from actors.config import ChorusConfig, ConfigError, to_yaml
-from actors.metrics import PHASES, JsonlLog, Metrics
+from actors.metrics import STEP_PHASES, JsonlLog, Metrics
 from actors.scheduler import Scheduler, StepPlan
 from learners.advantages import grpo_advantages
 from learners.batch import TrainBatch
@@ -163,7 +163,9 @@ class Trainer:
         for step in bar:
             record = self.step(self.scheduler.plan(step))
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                t = time.perf_counter()
                 accuracy = record["eval_accuracy"] = self.evaluate()
+                record["eval_seconds"] = time.perf_counter() - t
             self.log.write(record)
             bar.write(self._console_line(record))
         final = self.evaluate()
@@ -176,7 +178,8 @@ class Trainer:
         return summary
 
     def step(self, plan: StepPlan) -> dict:
-        m, phase = self.metrics, dict.fromkeys(PHASES, 0.0)
+        """One synchronous step; returns its metrics.jsonl record (also exported to Prometheus)."""
+        phase = dict.fromkeys(STEP_PHASES, 0.0)
         t_step = time.perf_counter()
         rl_rows, rewards, scored = self._rollouts(plan, phase)
         batch = self._batch(plan, rl_rows, rewards)
@@ -190,39 +193,25 @@ class Trainer:
         phase["other"] = max(0.0, total - sum(phase.values()))
 
         record = {"step": plan.step, "mu": plan.mu, "reward_mean": float(rewards.mean()) if len(rewards) else None,
-                  "loss": train["loss"], "rl_loss": train["rl_loss"], "sft_loss": train["sft_loss"],
-                  "kl": train["kl"], "entropy": train["entropy"], "clip_frac": train["clip_frac"],
-                  "grad_norm": train["grad_norm"], "lr": train["lr"], "samples": len(rl_rows),
+                  **{k: train[k] for k in ("loss", "rl_loss", "sft_loss", "kl", "entropy", "clip_frac",
+                                           "grad_norm", "lr")},
+                  "samples": len(rl_rows), "tokens": sum(len(c.token_ids) for _, c in rl_rows),
                   "expert_rows": len(plan.expert_ids), "weight_sync_bytes": sync_bytes, "step_seconds": total,
                   **{f"{k}_seconds": v for k, v in phase.items()}}
         if scored:
             for name in scored[0].components:
                 record[f"reward/{name}"] = sum(s.components[name] for s in scored) / len(scored)
-            record["response_tokens_mean"] = sum(len(c.token_ids) for _, c in rl_rows) / len(rl_rows)
-        m.step.set(plan.step + 1)
-        m.mu.set(plan.mu)
-        for kind, key in (("rl", "rl_loss"), ("sft", "sft_loss"), ("total", "loss")):
-            m.loss.labels(kind).set(train[key])
-        m.kl.set(train["kl"])
-        m.entropy.set(train["entropy"])
-        m.clip_frac.set(train["clip_frac"])
-        m.grad_norm.set(train["grad_norm"])
-        m.lr.set(train["lr"])
-        m.expert_rows.inc(len(plan.expert_ids))
-        m.step_seconds.set(total)
-        for k, v in phase.items():
-            m.phase.labels(k).set(v)
-            m.phase_total.labels(k).inc(v)
+            record["response_tokens_mean"] = record["tokens"] / len(rl_rows)
+        self.metrics.observe_step(record)
         for group in (self.rollouts, self.rewards):
-            m.restarts.labels(group.role).inc(group.restarts - getattr(group, "_reported", 0))
-            group._reported = group.restarts
+            self.metrics.restarts.labels(group.role).inc(group.take_restarts())
         return record
 
     def _rollouts(self, plan: StepPlan, phase: dict):
         """Generate and score the step's on-policy rows: [(prompt_ids, completion)], rewards [B*n], scores."""
         if not plan.prompt_ids:
             return [], torch.zeros(0), []
-        rc, m = self.cfg.rollout, self.metrics
+        rc = self.cfg.rollout
         spec = SamplingSpec(n=rc.n, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p)
         t = time.perf_counter()
         completions = self._generate([self.prompt_ids[i] for i in plan.prompt_ids], spec)
@@ -232,12 +221,6 @@ class Trainer:
         scored = self._score(rows, [c.text for c in completions])
         phase["reward"] = time.perf_counter() - t
         rewards = torch.tensor([s.total for s in scored])
-        m.samples.inc(len(completions))
-        m.tokens.inc(sum(len(c.token_ids) for c in completions))
-        m.reward.labels("total").set(float(rewards.mean()))
-        for name in scored[0].components:
-            m.reward.labels(name).set(sum(s.components[name] for s in scored) / len(scored))
-        m.response_len.set(sum(len(c.token_ids) for c in completions) / len(completions))
         rl_rows = [(self.prompt_ids[plan.prompt_ids[c.prompt_index]], c) for c in completions]
         return rl_rows, rewards, scored
 
@@ -321,8 +304,7 @@ class Trainer:
         hits = exact([r["prompt"] for r in self.eval_rows], [c.text for c in completions],
                      answer=[r["answer"] for r in self.eval_rows])
         accuracy = sum(hits) / len(hits)
-        self.metrics.eval_accuracy.set(accuracy)
-        self.metrics.phase_total.labels("eval").inc(time.perf_counter() - t)
+        self.metrics.observe_eval(accuracy, time.perf_counter() - t)
         return accuracy
 
     def _console_line(self, r: dict) -> str:

@@ -24,7 +24,7 @@ class ActorGroup:
     def __init__(self, role: str, cls: type, size: int, bundle: dict[str, float],
                  make_kwargs: Callable[[int], dict], *, env: dict[str, str] | None = None,
                  strategy: str = "PACK", max_restarts: int = 0, retries: int = 0, ready_timeout_s: float = 600):
-        self.role, self.retries, self.restarts = role, retries, 0
+        self.role, self.retries, self.restarts, self._reported = role, retries, 0, 0
         bundle = {k: v for k, v in bundle.items() if v}
         self.actors: list = []
         self.pg = placement_group([dict(bundle)] * size, strategy=strategy, name=f"chorus-{role}")
@@ -84,6 +84,11 @@ class ActorGroup:
         if on_pending:
             on_pending(0)
         return [results[i] for i in range(len(shards))]
+
+    def take_restarts(self) -> int:
+        """Restarts since the last call (for a counter metric)."""
+        new, self._reported = self.restarts - self._reported, self.restarts
+        return new
 
     def shutdown(self) -> None:
         for a in self.actors:

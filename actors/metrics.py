@@ -11,7 +11,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-PHASES = ("generate", "reward", "train", "sync", "eval", "other")
+STEP_PHASES = ("generate", "reward", "train", "sync", "other")  # a training step's wall time, split
+PHASES = (*STEP_PHASES, "eval")
 
 
 class Metrics:
@@ -55,6 +56,33 @@ class Metrics:
             self.loss.labels(kind)
         self.server, self.thread = start_http_server(port, addr=host, registry=r)
         self.host, self.port = host, self.server.server_port
+
+    def observe_step(self, r: dict) -> None:
+        """Export one step's record (the metrics.jsonl line) to the gauges and counters."""
+        self.step.set(r["step"] + 1)
+        self.mu.set(r["mu"])
+        for kind, key in (("rl", "rl_loss"), ("sft", "sft_loss"), ("total", "loss")):
+            self.loss.labels(kind).set(r[key])
+        for gauge, key in ((self.kl, "kl"), (self.entropy, "entropy"), (self.clip_frac, "clip_frac"),
+                           (self.grad_norm, "grad_norm"), (self.lr, "lr"), (self.step_seconds, "step_seconds")):
+            gauge.set(r[key])
+        self.samples.inc(r["samples"])
+        self.tokens.inc(r["tokens"])
+        self.expert_rows.inc(r["expert_rows"])
+        if r["samples"]:
+            self.reward.labels("total").set(r["reward_mean"])
+            self.response_len.set(r["response_tokens_mean"])
+        for key, value in r.items():
+            if key.startswith("reward/"):
+                self.reward.labels(key.split("/", 1)[1]).set(value)
+        for phase in STEP_PHASES:
+            self.phase.labels(phase).set(r[f"{phase}_seconds"])
+            self.phase_total.labels(phase).inc(r[f"{phase}_seconds"])
+
+    def observe_eval(self, accuracy: float, seconds: float) -> None:
+        self.eval_accuracy.set(accuracy)
+        self.phase.labels("eval").set(seconds)
+        self.phase_total.labels("eval").inc(seconds)
 
     @property
     def url(self) -> str:

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-PHASES = ("generate", "reward", "train", "sync", "other")
+from actors.metrics import STEP_PHASES as PHASES
 
 
 def main() -> None:

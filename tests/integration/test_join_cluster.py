@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -24,12 +28,33 @@ ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
 
 @pytest.fixture
 def ray_head():
+    """A Ray head of its own (``ray start --block`` in a new session), stopped by killing that session only, so
+    that no other Ray instance on the machine is touched."""
     port = "6391"
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                    "--disable-usage-stats"], check=True, capture_output=True, timeout=120, env=ENV)
-    yield f"127.0.0.1:{port}"
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        env=ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([RAY, "status", f"--address={address}"], capture_output=True, env=ENV,
+                             timeout=60).returncode != 0:
+            assert head.poll() is None and time.monotonic() < deadline, "ray head did not come up"
+            time.sleep(2)
+        yield address
+    finally:
+        head.terminate()  # `ray start --block` stops its own processes on SIGTERM
+        try:
+            head.wait(timeout=60)
+        finally:
+            try:
+                os.killpg(head.pid, signal.SIGKILL)  # whatever is left of that session
+            except ProcessLookupError:
+                pass
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_train_joins_ray_address_and_leaves_cluster_up(ray_head, tmp_path):
