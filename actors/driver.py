@@ -123,7 +123,7 @@ class Trainer:
         # vLLM warns on every weight reload that the rotary embedding has no weights to load (it has none to
         # train either): at WARNING that is one line per step, so engines log errors only.
         base_env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "ERROR",
-                    "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+                    "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
         lc = cfg.learner
         self.learners = ActorGroup(
             "learner", LearnerActor, lc.num_actors, {"CPU": lc.num_cpus, "GPU": lc.num_gpus},
@@ -316,14 +316,16 @@ class Trainer:
         return line
 
     def close(self) -> None:
+        """Stop everything this trainer started; safe to call twice."""
         import ray
 
         for name in ("rollouts", "rewards", "learners"):
             group = getattr(self, name, None)
             if group is not None:
                 group.shutdown()
+                setattr(self, name, None)
         self.metrics.close()
         self.log.close()
         shutil.rmtree(self.sync_dir, ignore_errors=True)
-        if self.own_ray:
+        if self.own_ray and ray.is_initialized():
             ray.shutdown()

@@ -24,7 +24,7 @@ class ActorGroup:
     def __init__(self, role: str, cls: type, size: int, bundle: dict[str, float],
                  make_kwargs: Callable[[int], dict], *, env: dict[str, str] | None = None,
                  strategy: str = "PACK", max_restarts: int = 0, retries: int = 0, ready_timeout_s: float = 600):
-        self.role, self.retries, self.restarts, self._reported = role, retries, 0, 0
+        self.role, self.cls, self.retries, self.restarts, self._reported = role, cls, retries, 0, 0
         bundle = {k: v for k, v in bundle.items() if v}
         self.actors: list = []
         self.pg = placement_group([dict(bundle)] * size, strategy=strategy, name=f"chorus-{role}")
@@ -90,7 +90,17 @@ class ActorGroup:
         new, self._reported = self.restarts - self._reported, self.restarts
         return new
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 60) -> None:
+        """Ask actors that can to release what they hold (``shutdown()``), then kill them and free the placement."""
+        if self.actors and hasattr(self.cls, "shutdown"):
+            refs = [a.shutdown.remote() for a in self.actors]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except Exception as exc:  # a dead actor has nothing left to release
+                    log.warning("%s: shutdown failed: %s", self.role, exc)
         for a in self.actors:
             ray.kill(a, no_restart=True)
+        self.actors = []
         remove_placement_group(self.pg)

@@ -21,6 +21,10 @@ class Backend(Protocol):
 
     def load_weights(self, path: str) -> None: ...
 
+    def checksum(self) -> float: ...
+
+    def shutdown(self) -> None: ...
+
 
 class VLLMBackend:
     def __init__(self, model_path: str, *, dtype: str, seed: int, max_model_len: int, tensor_parallel_size: int,
@@ -65,6 +69,10 @@ class VLLMBackend:
 
     def checksum(self) -> float:
         return float(self.llm.collective_rpc("chorus_checksum")[0])
+
+    def shutdown(self) -> None:
+        """Stop the engine's processes cleanly: killed, they leave their shared-memory queues in /dev/shm."""
+        self.llm.llm_engine.engine_core.shutdown()
 
 
 class HFBackend:
@@ -120,7 +128,11 @@ class HFBackend:
         self.model.load_state_dict(load_file(path, device=self.device), strict=True)
 
     def checksum(self) -> float:
-        return float(sum(p.double().sum() for p in self.model.parameters()))
+        with self.torch.no_grad():
+            return float(sum(p.double().sum() for p in self.model.parameters()))
+
+    def shutdown(self) -> None:
+        pass
 
 
 BACKENDS = {"vllm": VLLMBackend, "hf": HFBackend}
@@ -148,6 +160,9 @@ class RolloutActor:
 
     def checksum(self) -> float:
         return self.backend.checksum()
+
+    def shutdown(self) -> None:
+        self.backend.shutdown()
 
     def ready(self) -> bool:
         return True

@@ -13,4 +13,7 @@ class WeightSyncExtension:
         self.reload_weights(weights_iterator=iter(load_file(path).items()))
 
     def chorus_checksum(self) -> float:
-        return float(sum(p.double().sum() for p in self.model_runner.model.parameters()))
+        import torch
+
+        with torch.no_grad():
+            return float(sum(p.double().sum() for p in self.model_runner.model.parameters()))
