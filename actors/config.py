@@ -15,6 +15,9 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from rollout.data import TASKS
+from rollout.engine import BACKENDS
+
 
 class ConfigError(ValueError):
     """A config that cannot run: the message names the file and the full key path."""
@@ -60,8 +63,8 @@ class RolloutConfig:
     num_actors: int = 1
     n: int = 8  # samples per prompt (the GRPO group size)
     max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # must be 1.0 for now: the PPO ratio uses logprobs of the raw distribution
+    top_p: float = 1.0  # must be 1.0 for now, likewise
     max_model_len: int = 256
     tensor_parallel_size: int = 1  # vLLM tensor parallelism inside one actor (GPUs per actor)
     num_cpus: float = 0.5  # CPUs reserved per actor (placement bundle)
@@ -99,7 +102,7 @@ class LearnerConfig:
     min_lr_ratio: float = 0.0
     micro_batch_size: int = 64  # rows per forward/backward; the step accumulates over the rest
     num_cpus: float = 0.5
-    num_gpus: float = 0.0
+    num_gpus: Optional[float] = None  # GPUs per learner; None = 1 if the cluster has GPUs, else 0
     num_threads: int = 1
     backend: str = ""  # torch.distributed backend; "" = nccl with GPUs, gloo without
 
@@ -147,9 +150,9 @@ class ChorusConfig:
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "rollout.backend": ("vllm", "hf"),
+    "rollout.backend": tuple(BACKENDS),
     "learner.backend": ("", "gloo", "nccl"),
-    "data.synthetic.task": ("reverse", "sort"),
+    "data.synthetic.task": tuple(TASKS),
 }
 
 
@@ -219,40 +222,59 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> ChorusCon
     return obj
 
 
+def _get(cfg: ChorusConfig, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part) if cfg is not None else None
+    return cfg
+
+
+# (key, test, what the value must be): ranges the types cannot express
+_RULES = [
+    *((k, lambda v: v >= 1, ">= 1") for k in (
+        "rollout.num_actors", "rollout.n", "rollout.max_new_tokens", "rollout.tensor_parallel_size",
+        "reward.num_actors", "learner.num_actors", "learner.micro_batch_size", "algo.prompts_per_step",
+        "train.steps")),
+    *((k, lambda v: v >= 0, ">= 0") for k in (
+        "learner.warmup_steps", "learner.decay_steps", "algo.mu_warmup_steps", "algo.mu_decay_steps",
+        "train.eval_every", "train.eval_max_rows", "reward.timeout_s", "metrics.port")),
+    *((k, lambda v: 0.0 <= v <= 1.0, "in [0, 1]") for k in (
+        "algo.mu_peak", "algo.mu_valley", "learner.min_lr_ratio")),
+    ("algo.expert_ratio", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("algo.clip_eps", lambda v: v > 0, "> 0"),
+    ("algo.dual_clip", lambda v: v is None or v > 1.0, "> 1 (or null)"),
+    ("learner.zero_stage", lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
+    ("learner.lr", lambda v: v > 0, "> 0"),
+    # The engines return log-probabilities of the raw distribution (temperature 1, no top-p), which is what the
+    # learner recomputes: sampling from another distribution would make the PPO ratio wrong.
+    ("rollout.temperature", lambda v: v == 1.0, "1.0 (training rollouts sample the raw policy)"),
+    ("rollout.top_p", lambda v: v == 1.0, "1.0 (training rollouts sample the raw policy)"),
+]
+
+
 def validate(cfg: ChorusConfig) -> None:
     """Checks the schema's types cannot express; each message names the key."""
     for key, allowed in _CHOICES.items():
-        obj = cfg
-        for part in key.split("."):
-            obj = getattr(obj, part) if obj is not None else None
-        if obj is not None and obj not in allowed:
-            raise ConfigError(f"config key '{key}': {obj!r} is not one of {list(allowed)}")
-    positive = {
-        "rollout.num_actors": cfg.rollout.num_actors,
-        "rollout.n": cfg.rollout.n,
-        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
-        "reward.num_actors": cfg.reward.num_actors,
-        "learner.num_actors": cfg.learner.num_actors,
-        "learner.micro_batch_size": cfg.learner.micro_batch_size,
-        "algo.prompts_per_step": cfg.algo.prompts_per_step,
-        "train.steps": cfg.train.steps,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"config key '{key}': must be >= 1, got {value}")
-    if not 0.0 <= cfg.algo.expert_ratio < 1.0:
-        raise ConfigError(f"config key 'algo.expert_ratio': must be in [0, 1), got {cfg.algo.expert_ratio}")
-    for key in ("mu_peak", "mu_valley"):
-        if not 0.0 <= getattr(cfg.algo, key) <= 1.0:
-            raise ConfigError(f"config key 'algo.{key}': must be in [0, 1]")
+        value = _get(cfg, key)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(allowed)}")
+    for key, ok, what in _RULES:
+        value = _get(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"config key '{key}': must be {what}, got {value!r}")
     if not cfg.reward.functions:
         raise ConfigError("config key 'reward.functions': at least one reward function is needed")
     if not cfg.model.path and not cfg.model.build:
         raise ConfigError("config key 'model.path': set a Hugging Face model directory (or model.build)")
+    if cfg.model.build and not Path(cfg.model.build).is_file():
+        raise ConfigError(f"config key 'model.build': recipe file '{cfg.model.build}' not found "
+                          f"(paths are relative to the working directory)")
     if cfg.data.synthetic is None and not (cfg.data.prompts and cfg.data.eval):
         raise ConfigError("config key 'data.prompts': set data.prompts and data.eval, or data.synthetic")
     if cfg.algo.expert_ratio > 0 and cfg.data.synthetic is None and not cfg.data.expert:
         raise ConfigError("config key 'data.expert': algo.expert_ratio > 0 needs an expert data file")
+    if cfg.algo.expert_ratio == 0 and max(cfg.algo.mu_peak, cfg.algo.mu_valley) > 0:
+        raise ConfigError("config key 'algo.expert_ratio': mu > 0 weights an SFT term, but expert_ratio 0 gives "
+                          "it no rows (set mu_peak = mu_valley = 0 for pure RL)")
 
 
 def to_yaml(cfg: ChorusConfig) -> str:

@@ -21,7 +21,7 @@ from actors.config import ChorusConfig, ConfigError, to_yaml
 from actors.metrics import STEP_PHASES, JsonlLog, Metrics
 from actors.scheduler import Scheduler, StepPlan
 from learners.advantages import grpo_advantages
-from learners.batch import TrainBatch
+from learners.batch import TrainBatch, split_for_ranks
 from rewards.registry import resolve
 from rollout.data import load_rows, make_synthetic, write_jsonl
 from rollout.tiny import ensure_model
@@ -46,6 +46,8 @@ class Trainer:
     def __init__(self, cfg: ChorusConfig, run_dir: str | Path):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        if (self.run_dir / "metrics.jsonl").exists():
+            raise ConfigError(f"run dir {self.run_dir} already holds a run (metrics.jsonl); choose another --run-dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         for i, f in enumerate(cfg.reward.functions):  # fail before anything starts
@@ -59,20 +61,25 @@ class Trainer:
             raise ConfigError(str(exc)) from None
         self._load_data()
         self.scheduler = Scheduler(cfg.algo, cfg.rollout.n, len(self.prompts), len(self.expert), cfg.train.seed)
-        self.metrics = Metrics(cfg.metrics.host, cfg.metrics.port)
-        for f in cfg.reward.functions:  # export zeros from the start, not only after a first failure
-            self.metrics.reward_failures.labels(f.name)
-            self.metrics.reward.labels(f.name)
-        (self.run_dir / "metrics_url").write_text(self.metrics.url + "\n")
-        self.log = JsonlLog(self.run_dir / "metrics.jsonl")
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # weight hand-off in memory, not on disk
-        self.sync_dir = Path(tempfile.mkdtemp(prefix="chorus-sync-", dir=shm))
+        # Everything below holds a resource (a port, a file, shared memory, processes): close() releases what
+        # was started, whatever failed.
+        self.metrics = self.log = self.sync_dir = None
+        self.learners = self.rollouts = self.rewards = None
         self.own_ray = False
         try:
+            self.metrics = Metrics(cfg.metrics.host, cfg.metrics.port)
+            for f in cfg.reward.functions:  # export zeros from the start, not only after a first failure
+                self.metrics.reward_failures.labels(f.name)
+                self.metrics.reward.labels(f.name)
+            (self.run_dir / "metrics_url").write_text(self.metrics.url + "\n")
+            self.log = JsonlLog(self.run_dir / "metrics.jsonl")
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # weight hand-off in memory, not on disk
+            self.sync_dir = Path(tempfile.mkdtemp(prefix="chorus-sync-", dir=shm))
+            self.weights_path = self.sync_dir / "weights.safetensors"
             self._start_ray()
             self._start_actors()
         except BaseException:
-            self.close()  # a failed start must not leave actors, a port or a Ray cluster behind
+            self.close()
             raise
 
     # --- setup ------------------------------------------------------------------------------------------------
@@ -118,29 +125,30 @@ class Trainer:
         from rewards.actor import RewardActor
         from rollout.engine import RolloutActor
 
+        import ray
+
         cfg = self.cfg
-        gpu = torch.cuda.is_available()
+        gpu = ray.cluster_resources().get("GPU", 0) > 0  # the driver may run on a node without GPUs
         # vLLM warns on every weight reload that the rotary embedding has no weights to load (it has none to
         # train either): at WARNING that is one line per step, so engines log errors only.
         base_env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "ERROR",
                     "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
         lc = cfg.learner
         self.learners = ActorGroup(
-            "learner", LearnerActor, lc.num_actors, {"CPU": lc.num_cpus, "GPU": lc.num_gpus},
+            "learner", LearnerActor, lc.num_actors,
+            {"CPU": lc.num_cpus, "GPU": lc.num_gpus if lc.num_gpus is not None else float(gpu)},
             lambda rank: dict(model_path=self.model_path, cfg=lc, algo=cfg.algo, dtype=cfg.model.dtype,
                               seed=cfg.train.seed, rank=rank, world_size=lc.num_actors),
             env={**base_env, "OMP_NUM_THREADS": str(lc.num_threads)},
         )
-        addr, port = self.learners.actors[0].address.remote(), None
-        import ray
-
-        addr, port = ray.get(addr)
-        self.learners.all("setup", addr, port)
+        addr, port = self.learners.all(lambda a: a.address.remote())[0]  # rank 0's node hosts the rendezvous
+        self.learners.all(lambda a: a.setup.remote(addr, port))
         rc = cfg.rollout
         self.rollouts = ActorGroup(
             "rollout", RolloutActor, rc.num_actors,
             {"CPU": rc.num_cpus, "GPU": rc.tensor_parallel_size if gpu else 0},
-            lambda rank: dict(backend=rc.backend, model_path=self.model_path, num_threads=rc.num_threads,
+            lambda rank: dict(backend=rc.backend, model_path=self.model_path, weights_path=str(self.weights_path),
+                              num_threads=rc.num_threads,
                               dtype=cfg.model.dtype, seed=cfg.train.seed + rank, max_model_len=rc.max_model_len,
                               tensor_parallel_size=rc.tensor_parallel_size, kv_cache_gib=rc.kv_cache_gib,
                               gpu_memory_utilization=rc.gpu_memory_utilization),
@@ -170,7 +178,7 @@ class Trainer:
             bar.write(self._console_line(record))
         final = self.evaluate()
         self.log.write({"step": cfg.steps, "eval_accuracy": final, "final": True})
-        self.learners.all("save_pretrained", str(self.run_dir / "final"), self.model_path)
+        self.learners.all(lambda a: a.save_pretrained.remote(str(self.run_dir / "final"), self.model_path))
         summary = {"steps": cfg.steps, "final_eval_accuracy": final, "last_periodic_eval_accuracy": accuracy,
                    "wall_seconds": time.perf_counter() - start, "metrics_url": self.metrics.url,
                    "model": str(self.run_dir / "final")}
@@ -226,7 +234,7 @@ class Trainer:
 
     def _generate(self, prompts: list[list[int]], spec: SamplingSpec):
         shards = _chunks(list(range(len(prompts))), len(self.rollouts))
-        results = self.rollouts.map("generate", [([prompts[i] for i in s], spec) for s in shards],
+        results = self.rollouts.map(lambda a, shard: a.generate.remote([prompts[i] for i in shard], spec), shards,
                                     on_pending=self.metrics.queue.labels("rollout").set)
         completions = []
         for shard, (out, _) in zip(shards, results):
@@ -238,8 +246,8 @@ class Trainer:
     def _score(self, rows: list[dict], responses: list[str]):
         idx = _chunks(list(range(len(rows))), len(self.rewards))
         results = self.rewards.map(
-            "score", [([rows[i]["prompt"] for i in s], [responses[i] for i in s], [rows[i] for i in s]) for s in idx],
-            on_pending=self.metrics.queue.labels("reward").set)
+            lambda a, s: a.score.remote([rows[i]["prompt"] for i in s], [responses[i] for i in s], [rows[i] for i in s]),
+            idx, on_pending=self.metrics.queue.labels("reward").set)
         scored = [s for out, _ in results for s in out]
         for i, s in enumerate(scored):
             for name in s.failed:
@@ -268,29 +276,31 @@ class Trainer:
         return batch
 
     def _train(self, batch: TrainBatch, mu: float) -> dict:
-        """Rows are dealt round-robin to the ranks so each holds a similar mix of RL and expert rows."""
         world = len(self.learners)
         n_rl, n_sft = batch.token_counts()
-        shards = [batch.select(list(range(r, len(batch), world))) for r in range(world)]
-        num_micro = max(1, -(-max(map(len, shards)) // self.cfg.learner.micro_batch_size))
-        import ray
-
+        shards = split_for_ranks(batch, world, self.cfg.learner.micro_batch_size)
         self.metrics.queue.labels("learner").set(world)
-        results = ray.get([actor.train_step.remote(shard, mu=mu, num_micro=num_micro, n_rl_tokens=n_rl,
-                                                   n_sft_tokens=n_sft)
-                           for actor, shard in zip(self.learners.actors, shards)])
+        results = self.learners.map(
+            lambda actor, micro_batches: actor.train_step.remote(micro_batches, mu=mu, n_rl_tokens=n_rl,
+                                                                 n_sft_tokens=n_sft), shards)
         self.metrics.queue.labels("learner").set(0)
         out = {k: sum(r[k] for r in results) for k in results[0]}  # per-rank partial sums of global means
         for k in ("grad_norm", "lr"):
             out[k] = results[0][k]
+        out["train_seconds"] = max(r["train_seconds"] for r in results)
         return out
 
     def sync_weights(self) -> int:
-        """Learner rank 0 writes the weights to shared memory; every engine loads them in place."""
-        path = str(self.sync_dir / "weights.safetensors")
+        """Learner rank 0 writes the weights to shared memory; every engine loads them in place. An engine that
+        Ray restarts loads the same file when it starts (``RolloutActor(weights_path=...)``), so it never
+        generates with stale weights.
+
+        The file is node-local: engines on other nodes than learner rank 0 cannot read it (multi-node sync by
+        NCCL broadcast is designed with the GPU work, not here)."""
+        path = str(self.weights_path)
         t = time.perf_counter()
-        nbytes = self.learners.all("save_weights", path)[0]
-        self.rollouts.all("load_weights", path)
+        nbytes = self.learners.all(lambda a: a.save_weights.remote(path))[0]
+        self.rollouts.map(lambda a, p: a.load_weights.remote(p), [path] * len(self.rollouts))
         self.metrics.sync_seconds.set(time.perf_counter() - t)
         self.metrics.sync_bytes.inc(nbytes * len(self.rollouts))
         return nbytes * len(self.rollouts)
@@ -299,7 +309,7 @@ class Trainer:
         """Greedy generation on the held-out set through the rollout engines; accuracy = exact-match rate."""
         t = time.perf_counter()
         spec = SamplingSpec(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=0.0)
-        completions = self._generate(self.eval_ids, spec)
+        completions = sorted(self._generate(self.eval_ids, spec), key=lambda c: c.prompt_index)  # one per row
         exact = resolve("exact_match")
         hits = exact([r["prompt"] for r in self.eval_rows], [c.text for c in completions],
                      answer=[r["answer"] for r in self.eval_rows])
@@ -320,12 +330,15 @@ class Trainer:
         import ray
 
         for name in ("rollouts", "rewards", "learners"):
-            group = getattr(self, name, None)
+            group = getattr(self, name)
             if group is not None:
                 group.shutdown()
                 setattr(self, name, None)
-        self.metrics.close()
-        self.log.close()
-        shutil.rmtree(self.sync_dir, ignore_errors=True)
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.log is not None:
+            self.log.close()
+        if self.sync_dir is not None:
+            shutil.rmtree(self.sync_dir, ignore_errors=True)
         if self.own_ray and ray.is_initialized():
             ray.shutdown()

@@ -7,6 +7,8 @@ import time
 from typing import Any, Callable
 
 import ray
+from ray import ObjectRef
+from ray.actor import ActorHandle
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -55,14 +57,19 @@ class ActorGroup:
     def __len__(self) -> int:
         return len(self.actors)
 
-    def all(self, method: str, *args, **kwargs) -> list[Any]:
-        """Call ``method`` with the same arguments on every actor (collective work, e.g. a learner step)."""
-        return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+    def all(self, call: Callable[[ActorHandle], ObjectRef]) -> list[Any]:
+        """``call(actor)`` on every actor, e.g. ``group.all(lambda a: a.save_weights.remote(path))``; results in
+        actor order. For collective work (learner ranks): no retry."""
+        return ray.get([call(a) for a in self.actors])
 
-    def map(self, method: str, shards: list[tuple], on_pending: Callable[[int], None] | None = None) -> list[Any]:
-        """Call ``method(*shards[i])`` on actor ``i % size``; results in shard order. A shard whose actor died
-        is resubmitted (Ray restarts the actor) up to ``retries`` times, each counted in ``restarts``."""
-        refs = {i: getattr(self.actors[i % len(self.actors)], method).remote(*s) for i, s in enumerate(shards)}
+    def map(self, call: Callable[[ActorHandle, Any], ObjectRef], shards: list,
+            on_pending: Callable[[int], None] | None = None) -> list[Any]:
+        """``call(actor, shards[i])`` on actor ``i % size``; results in shard order. A shard whose actor died is
+        resubmitted (Ray restarts the actor) up to ``retries`` times, each counted in ``restarts``."""
+        def submit(i: int) -> ObjectRef:
+            return call(self.actors[i % len(self.actors)], shards[i])
+
+        refs = {i: submit(i) for i in range(len(shards))}
         results: dict[int, Any] = {}
         attempts = dict.fromkeys(refs, 0)
         while refs:
@@ -80,7 +87,7 @@ class ActorGroup:
                 self.restarts += 1
                 log.warning("%s actor %d died (%s); retrying its work", self.role, i % len(self.actors), exc)
                 time.sleep(1.0)
-                refs[i] = getattr(self.actors[i % len(self.actors)], method).remote(*shards[i])
+                refs[i] = submit(i)
         if on_pending:
             on_pending(0)
         return [results[i] for i in range(len(shards))]

@@ -99,11 +99,12 @@ class JsonlLog:
     """One JSON object per step, appended and flushed so a crash loses at most the line being written."""
 
     def __init__(self, path: Path):
-        self.f = path.open("a", encoding="utf-8")
+        self.f = path.open("x", encoding="utf-8")  # a run dir holds one run
 
     def write(self, record: dict) -> None:
         self.f.write(json.dumps(record) + "\n")
         self.f.flush()
 
     def close(self) -> None:
-        self.f.close()
+        if not self.f.closed:
+            self.f.close()

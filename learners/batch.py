@@ -38,6 +38,36 @@ class TrainBatch:
         return rl, sft
 
 
+# A row with no response tokens: it adds nothing to the loss or the gradient, and fills a micro-batch that would
+# otherwise be empty so that every rank runs the same number of forward/backward passes (ZeRO's gradient
+# reduction is collective: a rank with one pass fewer would leave the others waiting forever).
+_FILLER = ([0, 0], 2, [], 0.0, False)
+
+
+def split_for_ranks(batch: TrainBatch, world_size: int, micro_batch_size: int) -> list[list[TrainBatch]]:
+    """Deal rows round-robin to ``world_size`` ranks (each gets a similar mix of RL and expert rows), then cut each
+    rank's rows into the same number of micro-batches of at most ``micro_batch_size`` rows, none empty.
+
+    Returns ``[rank][micro]``. Concatenating every micro-batch gives back every row of ``batch`` exactly once,
+    plus filler rows without response tokens where a rank has fewer rows than micro-batches.
+    """
+    per_rank = [list(range(r, len(batch), world_size)) for r in range(world_size)]
+    num_micro = max(1, -(-max(map(len, per_rank)) // micro_batch_size))
+    out = []
+    for rows in per_rank:
+        size, extra = divmod(len(rows), num_micro)
+        micros, start = [], 0
+        for k in range(num_micro):
+            end = start + size + (k < extra)
+            micro = batch.select(rows[start:end])
+            if not len(micro):
+                micro = TrainBatch(*([x] for x in _FILLER))
+            micros.append(micro)
+            start = end
+        out.append(micros)
+    return out
+
+
 @dataclass
 class Tensors:
     input_ids: torch.Tensor  # [B, L] right-padded with pad_id

@@ -100,9 +100,10 @@ class LearnerActor:
 
     # --- one optimiser step -----------------------------------------------------------------------------------
 
-    def train_step(self, batch: TrainBatch, *, mu: float, num_micro: int, n_rl_tokens: int,
+    def train_step(self, micro_batches: list[TrainBatch], *, mu: float, n_rl_tokens: int,
                    n_sft_tokens: int) -> dict[str, float]:
-        """One optimiser step over this rank's rows in ``num_micro`` micro-batches (the same on every rank).
+        """One optimiser step over this rank's micro-batches (every rank has the same number: see
+        ``learners.batch.split_for_ranks``).
 
         ``n_rl_tokens`` / ``n_sft_tokens`` are the token counts of the whole step across ranks. DeepSpeed averages
         gradients over ranks, so the loss is multiplied by the world size to make the result the global sum.
@@ -112,11 +113,11 @@ class LearnerActor:
         torch, algo = self.torch, self.algo
         start = time.perf_counter()
         self.engine.train()
-        rows = list(range(len(batch)))
-        size = -(-len(rows) // num_micro)
+        num_micro = len(micro_batches)
+        lr = float(self.engine.get_lr()[0])  # the rate this step uses (the scheduler advances in step())
         totals: dict[str, torch.Tensor] = {}
-        for k in range(num_micro):
-            t = collate(batch.select(rows[k * size : (k + 1) * size]), self.pad_id, self.device)
+        for k, micro in enumerate(micro_batches):
+            t = collate(micro, self.pad_id, self.device)
             logits, logprobs = self._forward(t)
             loss, metrics = chord_loss(
                 logprobs, t.old_logprobs, t.advantages, t.mask, t.is_expert, mu=mu, clip_eps=algo.clip_eps,
@@ -133,7 +134,7 @@ class LearnerActor:
         self.engine.step()
         out = {name: float(value) for name, value in totals.items()}
         out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
-        out["lr"] = float(self.engine.get_lr()[0])
+        out["lr"] = lr
         out["train_seconds"] = time.perf_counter() - start
         return out
 

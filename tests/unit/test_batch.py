@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from learners.batch import TrainBatch, collate
+from learners.batch import TrainBatch, collate, split_for_ranks
 from learners.losses import token_logprobs
 
 PAD = 0
@@ -73,3 +74,26 @@ def test_collate_empty_response():
     t = collate(b, PAD)
     assert t.mask.tolist() == [[0, 0], [0, 1]]
     assert b.token_counts() == (1, 0)
+
+
+@pytest.mark.parametrize("rows, world, micro", [(5, 2, 1), (13, 2, 2), (80, 3, 2), (1, 3, 4), (128, 2, 16)])
+def test_split_for_ranks_gives_every_rank_the_same_number_of_non_empty_micro_batches(rows, world, micro):
+    batch = TrainBatch(
+        input_ids=[[1, 2, 3 + i] for i in range(rows)], prompt_lens=[2] * rows, old_logprobs=[[-0.5]] * rows,
+        advantages=[float(i) for i in range(rows)], is_expert=[i % 3 == 0 for i in range(rows)],
+    )
+    shards = split_for_ranks(batch, world, micro)
+    assert len(shards) == world
+    counts = {len(micros) for micros in shards}
+    assert len(counts) == 1  # the same number of forward/backward passes on every rank
+    num_micro = counts.pop()
+    assert num_micro == max(1, -(-(-(-rows // world)) // micro))  # ceil(ceil(rows / world) / micro)
+    real = [ids for micros in shards for m in micros for ids, p in zip(m.input_ids, m.prompt_lens) if len(ids) > p]
+    assert sorted(real) == sorted(batch.input_ids)  # every row exactly once
+    for micros in shards:
+        for m in micros:
+            assert 1 <= len(m) <= micro
+            assert sum(batch.token_counts()) >= sum(m.token_counts())
+    # filler rows carry no response tokens, so the global token counts are unchanged
+    assert sum(sum(m.token_counts()[i] for micros in shards for m in micros) for i in (0, 1)) == \
+        sum(batch.token_counts())

@@ -38,7 +38,8 @@ def test_malformed_data_row_names_file_and_line(capsys, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "ab=", "answer": "ba"}\n{"prompt": "cd=", "answer": \n')
     err = _run(capsys, SMOKE, "--run-dir", str(tmp_path / "run"), "data.synthetic=null",
-               f"data.prompts={prompts}", f"data.eval={prompts}", "algo.expert_ratio=0")
+               f"data.prompts={prompts}", f"data.eval={prompts}", "algo.expert_ratio=0",
+               "algo.mu_peak=0", "algo.mu_valley=0")
     assert f"{prompts}:2" in err and "data error" in err
 
 

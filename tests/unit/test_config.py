@@ -125,6 +125,11 @@ def test_bad_choice_in_yaml(tmp_path):
     ("algo.expert_ratio=1.0", "algo.expert_ratio"),
     ("algo.mu_peak=1.5", "algo.mu_peak"),
     ("reward.functions=[]", "reward.functions"),
+    ("rollout.temperature=0.7", "rollout.temperature"),
+    ("algo.dual_clip=0.5", "algo.dual_clip"),
+    ("learner.zero_stage=4", "learner.zero_stage"),
+    ("algo.mu_decay_steps=-1", "algo.mu_decay_steps"),
+    ("algo.expert_ratio=0", "algo.expert_ratio"),  # mu > 0 with no expert rows
 ])
 def test_out_of_range_values(tmp_path, override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -134,8 +139,11 @@ def test_out_of_range_values(tmp_path, override, key):
 def test_missing_model_and_data(tmp_path):
     with pytest.raises(ConfigError, match="'model.path'"):
         load_config(write(tmp_path, "data:\n  synthetic: {}\n"))
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "models" / "tiny_llama.json"
     with pytest.raises(ConfigError, match="'data.prompts'"):
-        load_config(write(tmp_path, "model:\n  build: x.json\n"))
+        load_config(write(tmp_path, f"model:\n  build: {recipe}\n"))
+    with pytest.raises(ConfigError, match="'model.build'.*x.json"):
+        load_config(write(tmp_path, "model:\n  build: x.json\ndata:\n  synthetic: {}\n"))
 
 
 def test_override_without_equals_and_missing_file(tmp_path):

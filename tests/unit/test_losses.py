@@ -96,9 +96,9 @@ def test_ppo_clip_loss_by_hand():
     close(metrics["clip_frac"], 0.4)
     # ratio: (1.1051709 + 1.6487213 + 0.6065307 + 1.3498588 + 0.6065307) / 5 = 1.0633625
     close(metrics["ratio"], (math.exp(0.1) + math.exp(0.5) + 2 * math.exp(-0.5) + math.exp(0.3)) / 5)
-    # kl (k3) = exp(-x) - 1 + x per token: 0.0048374 + 0.1065307 + 0.1487213 + 0.0408182 + 0.1487213 = 0.4496289
-    k3 = lambda x: math.exp(-x) - 1 + x  # noqa: E731
-    close(metrics["kl"], (k3(0.1) + k3(0.5) + k3(-0.5) + k3(0.3) + k3(-0.5)) / 5)
+    # kl (k3) = exp(x) - 1 - x per token, x = logprobs - old_logprobs:
+    #   0.0051709 + 0.1487213 + 0.1065307 + 0.0498588 + 0.1065307 = 0.4168124; / 5 = 0.0833625
+    close(metrics["kl"], 0.4168124 / 5, atol=1e-7)
     assert all(not m.requires_grad for m in metrics.values())
 
     # d loss / d logprobs = d(-A * ratio)/d logprob / 5 = -A * ratio / 5 where the unclipped term is active, else 0:
@@ -168,8 +168,8 @@ def test_ppo_metrics_ignore_masked_positions_with_extreme_logprobs():
     loss, metrics = ppo_clip_loss(logprobs, old, torch.tensor([1.0]), torch.tensor([[1.0, 0.0]]), clip_eps=0.2)
     # the one counted token: log_ratio = -0.1, ratio = 0.9048374, loss = -0.9048374
     close(loss, -math.exp(-0.1), atol=1e-6)
-    # kl = exp(0.1) - 1 - 0.1 = 0.0051709
-    close(metrics["kl"], math.exp(0.1) - 1.1, atol=1e-6)
+    # kl = exp(-0.1) - 1 + 0.1 = 0.0048374
+    close(metrics["kl"], math.exp(-0.1) - 0.9, atol=1e-6)
 
 
 # --- sft_loss ---------------------------------------------------------------------------------------------------
@@ -308,3 +308,16 @@ def test_chord_split_sums_to_unsplit_loss_and_gradient():
         close(full_metrics[k], v, atol=1e-12)
     # the test can fail: normalising by each part's own token count does not add up
     assert abs(local_total - num(full)) > 1e-3
+
+
+def test_kl_metric_is_an_unbiased_estimate_of_kl_behaviour_to_current():
+    # Over a 3-token vocabulary, weight each token's k3 by its behaviour probability q (mask = q, n_tokens = 1):
+    # the expectation E_q[exp(x) - 1 - x], x = log p - log q, must equal KL(q || p) exactly.
+    #   q = [0.7, 0.2, 0.1], p = [0.5, 0.3, 0.2]
+    #   KL(q || p) = 0.7 ln(0.7/0.5) + 0.2 ln(0.2/0.3) + 0.1 ln(0.1/0.2)
+    #              = 0.2355304 - 0.0810930 - 0.0693147 = 0.0851227
+    q = torch.tensor([[0.7, 0.2, 0.1]], dtype=torch.float64)
+    p = torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)
+    _, metrics = ppo_clip_loss(p.log(), q.log(), torch.tensor([1.0], dtype=torch.float64), q, clip_eps=0.2,
+                               n_tokens=1.0)
+    close(metrics["kl"], 0.0851227, atol=1e-6)
