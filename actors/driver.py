@@ -15,13 +15,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import ray
 import torch
 
 from actors.config import ChorusConfig, ConfigError, to_yaml
 from actors.metrics import STEP_PHASES, JsonlLog, Metrics
 from actors.scheduler import Scheduler, StepPlan
 from learners.advantages import grpo_advantages
-from learners.batch import TrainBatch, split_for_ranks
+from learners.batch import TrainBatch, even_split, split_for_ranks
 from rewards.registry import resolve
 from rollout.data import load_rows, make_synthetic, write_jsonl
 from rollout.tiny import ensure_model
@@ -31,15 +32,8 @@ log = logging.getLogger("chorus")
 
 
 def _chunks(items: list, k: int) -> list[list]:
-    """Split into at most ``k`` contiguous, near-equal, non-empty chunks."""
-    k = max(1, min(k, len(items)))
-    size, extra = divmod(len(items), k)
-    out, start = [], 0
-    for i in range(k):
-        end = start + size + (i < extra)
-        out.append(items[start:end])
-        start = end
-    return out
+    """At most ``k`` contiguous, near-equal, non-empty chunks (one per actor that has work)."""
+    return even_split(items, max(1, min(k, len(items))))
 
 
 class Trainer:
@@ -108,8 +102,6 @@ class Trainer:
         ]
 
     def _start_ray(self) -> None:
-        import ray
-
         address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
         self.own_ray = not ray.is_initialized() and not address
         if not ray.is_initialized():
@@ -124,8 +116,6 @@ class Trainer:
         from learners.learner import LearnerActor
         from rewards.actor import RewardActor
         from rollout.engine import RolloutActor
-
-        import ray
 
         cfg = self.cfg
         gpu = ray.cluster_resources().get("GPU", 0) > 0  # the driver may run on a node without GPUs
@@ -327,8 +317,6 @@ class Trainer:
 
     def close(self) -> None:
         """Stop everything this trainer started; safe to call twice."""
-        import ray
-
         for name in ("rollouts", "rewards", "learners"):
             group = getattr(self, name)
             if group is not None:

@@ -53,19 +53,16 @@ def split_for_ranks(batch: TrainBatch, world_size: int, micro_batch_size: int) -
     """
     per_rank = [list(range(r, len(batch), world_size)) for r in range(world_size)]
     num_micro = max(1, -(-max(map(len, per_rank)) // micro_batch_size))
-    out = []
-    for rows in per_rank:
-        size, extra = divmod(len(rows), num_micro)
-        micros, start = [], 0
-        for k in range(num_micro):
-            end = start + size + (k < extra)
-            micro = batch.select(rows[start:end])
-            if not len(micro):
-                micro = TrainBatch(*([x] for x in _FILLER))
-            micros.append(micro)
-            start = end
-        out.append(micros)
-    return out
+    filler = TrainBatch(*([x] for x in _FILLER))
+    return [[batch.select(rows) if rows else filler for rows in even_split(rank_rows, num_micro)]
+            for rank_rows in per_rank]
+
+
+def even_split(items: list, k: int) -> list[list]:
+    """``k`` contiguous chunks whose sizes differ by at most one (empty ones when ``k > len(items)``)."""
+    size, extra = divmod(len(items), k)
+    bounds = [i * size + min(i, extra) for i in range(k + 1)]
+    return [items[bounds[i] : bounds[i + 1]] for i in range(k)]
 
 
 @dataclass
