@@ -52,7 +52,8 @@ class ActorGroup:
             ).remote(**make_kwargs(i))
             for i in range(size)
         ]
-        ray.get([a.ready.remote() for a in self.actors], timeout=ready_timeout_s)
+        self.pids = ray.get([a.ready.remote() for a in self.actors], timeout=ready_timeout_s)
+        self.ready_timeout_s = ready_timeout_s
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -65,7 +66,8 @@ class ActorGroup:
     def map(self, call: Callable[[ActorHandle, Any], ObjectRef], shards: list,
             on_pending: Callable[[int], None] | None = None) -> list[Any]:
         """``call(actor, shards[i])`` on actor ``i % size``; results in shard order. A shard whose actor died is
-        resubmitted (Ray restarts the actor) up to ``retries`` times, each counted in ``restarts``."""
+        resubmitted once Ray has restarted the actor, up to ``retries`` times; ``restarts`` counts the new
+        processes seen."""
         def submit(i: int) -> ObjectRef:
             return call(self.actors[i % len(self.actors)], shards[i])
 
@@ -79,18 +81,35 @@ class ActorGroup:
             i = next(k for k, r in refs.items() if r == ready[0])
             try:
                 results[i] = ray.get(refs.pop(i))
-            except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
+            except (RayActorError, ActorUnavailableError) as exc:
                 attempts[i] += 1
                 if attempts[i] > self.retries:
-                    raise RuntimeError(f"{self.role} actor {i % len(self.actors)} died {attempts[i]} times "
+                    raise RuntimeError(f"{self.role} actor {i % len(self.actors)} failed {attempts[i]} times "
                                        f"on the same work: {exc}") from exc
-                self.restarts += 1
-                log.warning("%s actor %d died (%s); retrying its work", self.role, i % len(self.actors), exc)
-                time.sleep(1.0)
+                log.warning("%s actor %d failed (%s); retrying its work once it is back", self.role,
+                            i % len(self.actors), exc)
+                self._wait_until_back(i % len(self.actors))
                 refs[i] = submit(i)
         if on_pending:
             on_pending(0)
         return [results[i] for i in range(len(shards))]
+
+    def _wait_until_back(self, k: int) -> None:
+        """Block until actor ``k`` answers again (Ray restarts it); count a restart if its process changed."""
+        deadline = time.monotonic() + self.ready_timeout_s
+        while True:
+            try:
+                pid = ray.get(self.actors[k].ready.remote(), timeout=10)
+                break
+            except ActorDiedError:  # out of restarts: nothing to wait for
+                raise
+            except (RayActorError, ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.role} actor {k} did not come back within {self.ready_timeout_s}s")
+                time.sleep(0.5)
+        if pid != self.pids[k]:
+            self.pids[k] = pid
+            self.restarts += 1
 
     def take_restarts(self) -> int:
         """Restarts since the last call (for a counter metric)."""

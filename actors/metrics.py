@@ -39,7 +39,7 @@ class Metrics:
                                    registry=r)
         self.step_seconds = Gauge("chorus_step_seconds", "Wall time of the last step", registry=r)
         self.queue = Gauge("chorus_queue_depth", "Requests in flight per actor pool", ["pool"], registry=r)
-        self.restarts = Counter("chorus_actor_restarts_total", "Actor deaths survived by a retry", ["role"],
+        self.restarts = Counter("chorus_actor_restarts_total", "Actors restarted by Ray whose work was retried", ["role"],
                                 registry=r)
         self.reward_failures = Counter("chorus_reward_failures_total", "Reward calls that raised, timed out or "
                                        "returned NaN/None, per sample", ["reward"], registry=r)

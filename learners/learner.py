@@ -174,5 +174,6 @@ class LearnerActor:
             self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> int:
+        """The process id: a new one after Ray restarts the actor."""
+        return os.getpid()

@@ -8,6 +8,7 @@ isolation of untrusted reward code is the sandbox's job, not this actor's.)
 from __future__ import annotations
 
 import logging
+import os
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,5 +59,6 @@ class RewardActor:
                 results[i].total += weight * float(s)
         return results, time.perf_counter() - start
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> int:
+        """The process id: a new one after Ray restarts the actor."""
+        return os.getpid()

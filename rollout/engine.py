@@ -166,5 +166,6 @@ class RolloutActor:
     def shutdown(self) -> None:
         self.backend.shutdown()
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> int:
+        """The process id: a new one after Ray restarts the actor."""
+        return os.getpid()
