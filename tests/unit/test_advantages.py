@@ -10,6 +10,8 @@ import torch
 
 from learners.advantages import grpo_advantages
 
+ATOL_F32 = 1e-6  # float32 results
+
 
 def grpo_loop(rewards: list[float], group_size: int, std_normalize: bool, eps: float = 1e-6) -> list[float]:
     """The formula read off the paper, one group and one sample at a time."""
@@ -33,14 +35,14 @@ def test_grpo_advantages_by_hand():
     s = 0.5 + 1e-6
     expected = torch.tensor([0.75 / s, -0.25 / s, -0.25 / s, -0.25 / s, 0.0, 0.0, 0.0, 0.0])
     assert adv.shape == (8,)
-    torch.testing.assert_close(adv, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(adv, expected, atol=ATOL_F32, rtol=0)
 
 
 def test_grpo_advantages_without_std_by_hand():
     # Dr. GRPO: A = r - mean only: group 0 -> [0.75, -0.25, -0.25, -0.25]; group 1 ([3, 1]) -> mean 2 -> [1, -1]
     adv = grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 3.0, 1.0, 3.0, 1.0]), 4, std_normalize=False)
     torch.testing.assert_close(adv, torch.tensor([0.75, -0.25, -0.25, -0.25, 1.0, -1.0, 1.0, -1.0]),
-                               atol=1e-6, rtol=0)
+                               atol=ATOL_F32, rtol=0)
 
 
 @pytest.mark.parametrize("std_normalize", [True, False])
@@ -53,7 +55,7 @@ def test_grpo_advantages_match_loop(std_normalize, group_size):
     ):
         adv = grpo_advantages(rewards, group_size, std_normalize=std_normalize)
         expected = torch.tensor(grpo_loop(rewards.tolist(), group_size, std_normalize), dtype=torch.float32)
-        torch.testing.assert_close(adv, expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(adv, expected, atol=ATOL_F32, rtol=0)
         # per group the advantages sum to 0
         assert adv.view(-1, group_size).sum(1).abs().max() < 1e-5
 

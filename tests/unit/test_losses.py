@@ -9,6 +9,9 @@ import torch
 
 from learners.losses import chord_loss, entropy_from_logits, ppo_clip_loss, sft_loss, token_logprobs
 
+ATOL_EXACT = 1e-12  # float64 arithmetic, exact up to rounding
+ATOL_F32 = 1e-6  # float32 results
+ATOL_7DP = 1e-7  # hand arithmetic written to 7 decimals
 ATOL = 1e-9  # float64 inputs: hand arithmetic must match to rounding
 F64 = torch.float64
 
@@ -37,8 +40,8 @@ def test_token_logprobs_by_hand():
     tokens = torch.tensor([[1, 2]])  # [1, 2]
     lp = token_logprobs(logits, tokens)
     assert lp.shape == (1, 2) and lp.dtype == torch.float32
-    close(lp[0, 0], math.log(0.5), atol=1e-6)
-    close(lp[0, 1], -math.log(3.0), atol=1e-6)
+    close(lp[0, 0], math.log(0.5), atol=ATOL_F32)
+    close(lp[0, 1], -math.log(3.0), atol=ATOL_F32)
 
 
 def test_token_logprobs_upcasts_low_precision_logits():
@@ -47,7 +50,7 @@ def test_token_logprobs_upcasts_low_precision_logits():
     lp = token_logprobs(logits, torch.tensor([[3]]))
     assert lp.dtype == torch.float32
     # log softmax([1,2,3,4])[3] = 4 - log(e + e^2 + e^3 + e^4) = 4 - 4.4401897 = -0.4401897
-    close(lp[0, 0], 4.0 - math.log(sum(math.exp(k) for k in (1, 2, 3, 4))), atol=1e-6)
+    close(lp[0, 0], 4.0 - math.log(sum(math.exp(k) for k in (1, 2, 3, 4))), atol=ATOL_F32)
 
 
 def test_entropy_by_hand():
@@ -56,8 +59,8 @@ def test_entropy_by_hand():
     logits = torch.tensor([[[0.0, math.log(2.0), 0.0], [-3.0, -3.0, -3.0]]])  # [1, 2, 3]
     h = entropy_from_logits(logits)
     assert h.shape == (1, 2)
-    close(h[0, 0], -(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5)), atol=1e-6)
-    close(h[0, 1], math.log(3.0), atol=1e-6)
+    close(h[0, 0], -(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5)), atol=ATOL_F32)
+    close(h[0, 1], math.log(3.0), atol=ATOL_F32)
 
 
 # --- ppo_clip_loss ----------------------------------------------------------------------------------------------
@@ -98,7 +101,7 @@ def test_ppo_clip_loss_by_hand():
     close(metrics["ratio"], (math.exp(0.1) + math.exp(0.5) + 2 * math.exp(-0.5) + math.exp(0.3)) / 5)
     # kl (k3) = exp(x) - 1 - x per token, x = logprobs - old_logprobs:
     #   0.0051709 + 0.1487213 + 0.1065307 + 0.0498588 + 0.1065307 = 0.4168124; / 5 = 0.0833625
-    close(metrics["kl"], 0.4168124 / 5, atol=1e-7)
+    close(metrics["kl"], 0.4168124 / 5, atol=ATOL_7DP)
     assert all(not m.requires_grad for m in metrics.values())
 
     # d loss / d logprobs = d(-A * ratio)/d logprob / 5 = -A * ratio / 5 where the unclipped term is active, else 0:
@@ -167,9 +170,9 @@ def test_ppo_metrics_ignore_masked_positions_with_extreme_logprobs():
     old = torch.tensor([[-0.4, 0.0]])
     loss, metrics = ppo_clip_loss(logprobs, old, torch.tensor([1.0]), torch.tensor([[1.0, 0.0]]), clip_eps=0.2)
     # the one counted token: log_ratio = -0.1, ratio = 0.9048374, loss = -0.9048374
-    close(loss, -math.exp(-0.1), atol=1e-6)
+    close(loss, -math.exp(-0.1), atol=ATOL_F32)
     # kl = exp(-0.1) - 1 + 0.1 = 0.0048374
-    close(metrics["kl"], math.exp(-0.1) - 0.9, atol=1e-6)
+    close(metrics["kl"], math.exp(-0.1) - 0.9, atol=ATOL_F32)
 
 
 # --- sft_loss ---------------------------------------------------------------------------------------------------
@@ -261,7 +264,7 @@ def test_chord_mu_one_is_sft_on_expert_rows(phi):
     logprobs, old, adv, mask, is_expert = _random_batch(0)
     loss, _ = chord_loss(logprobs, old, adv, mask, is_expert, mu=1.0, clip_eps=0.2, dual_clip=3.0, phi=phi)
     expected, _ = sft_loss(logprobs[is_expert], mask[is_expert], phi=phi)
-    close(loss, num(expected), atol=1e-12)
+    close(loss, num(expected), atol=ATOL_EXACT)
     assert num(expected) != 0.0
 
 
@@ -270,9 +273,9 @@ def test_chord_mu_zero_is_ppo_on_policy_rows():
     on = ~is_expert
     loss, metrics = chord_loss(logprobs, old, adv, mask, is_expert, mu=0.0, clip_eps=0.2, dual_clip=3.0, phi=True)
     expected, ppo_metrics = ppo_clip_loss(logprobs[on], old[on], adv[on], mask[on], clip_eps=0.2, dual_clip=3.0)
-    close(loss, num(expected), atol=1e-12)
+    close(loss, num(expected), atol=ATOL_EXACT)
     for name in ("clip_frac", "ratio", "kl"):
-        close(metrics[name], num(ppo_metrics[name]), atol=1e-12)
+        close(metrics[name], num(ppo_metrics[name]), atol=ATOL_EXACT)
     assert num(expected) != 0.0 and num(ppo_metrics["clip_frac"]) > 0  # the clip is exercised
 
 
@@ -286,7 +289,7 @@ def test_chord_split_sums_to_unsplit_loss_and_gradient():
     full, full_metrics = chord_loss(logprobs, old, adv, mask, is_expert, n_rl_tokens=n_rl, n_sft_tokens=n_sft, **kw)
     (full_grad,) = torch.autograd.grad(full, logprobs)
     # the global counts of the whole batch are its own counts: same loss as the defaults
-    close(full, num(chord_loss(logprobs, old, adv, mask, is_expert, **kw)[0]), atol=1e-12)
+    close(full, num(chord_loss(logprobs, old, adv, mask, is_expert, **kw)[0]), atol=ATOL_EXACT)
 
     parts = [slice(0, 2), slice(2, 3), slice(3, 7)]  # uneven; the middle part has no expert row (n_sft local = 0)
     assert not is_expert[parts[1]].any()
@@ -302,10 +305,10 @@ def test_chord_split_sums_to_unsplit_loss_and_gradient():
             metric_sums[k] += num(metrics[k])
         local_total += num(chord_loss(logprobs[s], old[s], adv[s], mask[s], is_expert[s], **kw)[0])
 
-    close(full, total, atol=1e-12)
-    torch.testing.assert_close(grad_sum, full_grad, atol=1e-12, rtol=0)
+    close(full, total, atol=ATOL_EXACT)
+    torch.testing.assert_close(grad_sum, full_grad, atol=ATOL_EXACT, rtol=0)
     for k, v in metric_sums.items():  # the driver sums per-rank metrics too
-        close(full_metrics[k], v, atol=1e-12)
+        close(full_metrics[k], v, atol=ATOL_EXACT)
     # the test can fail: normalising by each part's own token count does not add up
     assert abs(local_total - num(full)) > 1e-3
 
@@ -320,4 +323,4 @@ def test_kl_metric_is_an_unbiased_estimate_of_kl_behaviour_to_current():
     p = torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)
     _, metrics = ppo_clip_loss(p.log(), q.log(), torch.tensor([1.0], dtype=torch.float64), q, clip_eps=0.2,
                                n_tokens=1.0)
-    close(metrics["kl"], 0.0851227, atol=1e-6)
+    close(metrics["kl"], 0.0851227, atol=ATOL_F32)
