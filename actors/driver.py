@@ -277,7 +277,6 @@ class Trainer:
         out = {k: sum(r[k] for r in results) for k in results[0]}  # per-rank partial sums of global means
         for k in ("grad_norm", "lr"):
             out[k] = results[0][k]
-        out["train_seconds"] = max(r["train_seconds"] for r in results)
         return out
 
     def sync_weights(self) -> int:

@@ -27,6 +27,7 @@ class ActorGroup:
                  make_kwargs: Callable[[int], dict], *, env: dict[str, str] | None = None,
                  strategy: str = "PACK", max_restarts: int = 0, retries: int = 0, ready_timeout_s: float = 600):
         self.role, self.cls, self.retries, self.restarts, self._reported = role, cls, retries, 0, 0
+        self.ready_timeout_s = ready_timeout_s
         bundle = {k: v for k, v in bundle.items() if v}
         self.actors: list = []
         self.pg = placement_group([dict(bundle)] * size, strategy=strategy, name=f"chorus-{role}")
@@ -53,7 +54,6 @@ class ActorGroup:
             for i in range(size)
         ]
         self.pids = ray.get([a.ready.remote() for a in self.actors], timeout=ready_timeout_s)
-        self.ready_timeout_s = ready_timeout_s
 
     def __len__(self) -> int:
         return len(self.actors)

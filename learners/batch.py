@@ -41,7 +41,7 @@ class TrainBatch:
 # A row with no response tokens: it adds nothing to the loss or the gradient, and fills a micro-batch that would
 # otherwise be empty so that every rank runs the same number of forward/backward passes (ZeRO's gradient
 # reduction is collective: a rank with one pass fewer would leave the others waiting forever).
-_FILLER = ([0, 0], 2, [], 0.0, False)
+_FILLER = TrainBatch(input_ids=[[0, 0]], prompt_lens=[2], old_logprobs=[[]], advantages=[0.0], is_expert=[False])
 
 
 def split_for_ranks(batch: TrainBatch, world_size: int, micro_batch_size: int) -> list[list[TrainBatch]]:
@@ -53,8 +53,7 @@ def split_for_ranks(batch: TrainBatch, world_size: int, micro_batch_size: int) -
     """
     per_rank = [list(range(r, len(batch), world_size)) for r in range(world_size)]
     num_micro = max(1, -(-max(map(len, per_rank)) // micro_batch_size))
-    filler = TrainBatch(*([x] for x in _FILLER))
-    return [[batch.select(rows) if rows else filler for rows in even_split(rank_rows, num_micro)]
+    return [[batch.select(rows) if rows else _FILLER for rows in even_split(rank_rows, num_micro)]
             for rank_rows in per_rank]
 
 

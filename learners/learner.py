@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from functools import partial
 from pathlib import Path
 
@@ -111,7 +110,6 @@ class LearnerActor:
         from learners.losses import chord_loss, entropy_from_logits
 
         torch, algo = self.torch, self.algo
-        start = time.perf_counter()
         self.engine.train()
         num_micro = len(micro_batches)
         lr = float(self.engine.get_lr()[0])  # the rate this step uses (the scheduler advances in step())
@@ -135,7 +133,6 @@ class LearnerActor:
         out = {name: float(value) for name, value in totals.items()}
         out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         out["lr"] = lr
-        out["train_seconds"] = time.perf_counter() - start
         return out
 
     # --- weights out ------------------------------------------------------------------------------------------
