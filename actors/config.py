@@ -15,6 +15,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from learners.losses import KL_ESTIMATORS, LOSS_AGGS
 from rollout.data import TASKS
 from rollout.engine import BACKENDS
 
@@ -108,17 +109,38 @@ class LearnerConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    colocate: bool = True  # the frozen reference lives in each learner process; False = its own actors
+    num_actors: int = 1  # separate reference actors (colocate: false)
+    num_cpus: float = 0.5
+    num_gpus: Optional[float] = None  # per separate reference actor; None = 1 if the cluster has GPUs, else 0
+    num_threads: int = 1
+
+
+@dataclass
 class AlgoConfig:
     prompts_per_step: int = 8  # B: prompts per step, each sampled rollout.n times
     expert_ratio: float = 0.2  # share of a step's rows drawn from the expert set
     mu_peak: float = 0.5
     mu_valley: float = 0.02
-    mu_warmup_steps: int = 0
-    mu_decay_steps: int = 0
+    mu_warmup_steps: int = 0  # linear warmup 0 -> mu_peak
+    mu_hold_steps: int = 0  # then mu_peak held this long (SFT-then-RL: hold with mu_peak 1, mu_valley 0)
+    mu_decay_steps: int = 0  # then cosine decay to mu_valley (0 = a step)
     phi: bool = False  # weight SFT tokens by p(1-p)
+    advantage: str = "grpo"  # grpo (group-normalised, no critic) | gae (PPO with a critic: see `critic`)
+    adv_std_normalize: bool = True  # grpo: divide by the group's std; False = Dr. GRPO
+    gamma: float = 1.0  # gae: discount
+    lam: float = 0.95  # gae: lambda
+    whiten_rewards: bool = False  # gae: normalise the step's rewards to mean 0, std 1 before GAE
+    whiten_advantages: bool = True  # gae: normalise advantages over the step's tokens
+    value_clip: Optional[float] = 0.2  # gae: clip the critic's update around its old values (null = off)
     clip_eps: float = 0.2
     dual_clip: Optional[float] = None  # e.g. 3.0
-    adv_std_normalize: bool = True  # False = Dr. GRPO
+    loss_agg: str = "token-mean"  # RL term: token-mean | seq-mean-token-mean | seq-mean-token-sum
+    kl_coef: float = 0.0  # KL(policy || frozen reference) penalty in the RL loss; 0 = no reference model
+    kl_estimator: str = "k3"  # k1 | k3
+    epochs: int = 1  # optimiser passes over each step's rows
+    mini_batches: int = 1  # optimiser steps per pass (rows shuffled each pass)
 
 
 @dataclass
@@ -127,6 +149,8 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 20  # steps between evaluations (0 = only at the end)
     eval_max_rows: int = 0  # evaluate on the first N held-out rows (0 = all)
+    max_staleness: int = 0  # 0 = synchronous; k > 0 = async: rollouts run up to k policy versions behind,
+    #                         generating the next steps while the learner trains this one
 
 
 @dataclass
@@ -143,6 +167,8 @@ class ChorusConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    critic: LearnerConfig = field(default_factory=LearnerConfig)  # value model of algo.advantage = gae
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)  # frozen model of algo.kl_coef > 0
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -152,6 +178,10 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "rollout.backend": tuple(BACKENDS),
     "learner.backend": ("", "gloo", "nccl"),
+    "critic.backend": ("", "gloo", "nccl"),
+    "algo.advantage": ("grpo", "gae"),
+    "algo.loss_agg": LOSS_AGGS,
+    "algo.kl_estimator": KL_ESTIMATORS,
     "data.synthetic.task": tuple(TASKS),
 }
 
@@ -233,17 +263,21 @@ _RULES = [
     *((k, lambda v: v >= 1, ">= 1") for k in (
         "rollout.num_actors", "rollout.n", "rollout.max_new_tokens", "rollout.tensor_parallel_size",
         "reward.num_actors", "learner.num_actors", "learner.micro_batch_size", "algo.prompts_per_step",
+        "critic.num_actors", "critic.micro_batch_size", "reference.num_actors", "algo.epochs", "algo.mini_batches",
         "train.steps")),
     *((k, lambda v: v >= 0, ">= 0") for k in (
-        "learner.warmup_steps", "learner.decay_steps", "algo.mu_warmup_steps", "algo.mu_decay_steps",
-        "train.eval_every", "train.eval_max_rows", "reward.timeout_s", "metrics.port")),
+        "learner.warmup_steps", "learner.decay_steps", "critic.warmup_steps", "critic.decay_steps",
+        "algo.mu_warmup_steps", "algo.mu_hold_steps", "algo.mu_decay_steps", "algo.kl_coef",
+        "train.eval_every", "train.eval_max_rows", "train.max_staleness", "reward.timeout_s", "metrics.port")),
     *((k, lambda v: 0.0 <= v <= 1.0, "in [0, 1]") for k in (
-        "algo.mu_peak", "algo.mu_valley", "learner.min_lr_ratio")),
+        "algo.mu_peak", "algo.mu_valley", "learner.min_lr_ratio", "critic.min_lr_ratio", "algo.gamma",
+        "algo.lam")),
     ("algo.expert_ratio", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     ("algo.clip_eps", lambda v: v > 0, "> 0"),
     ("algo.dual_clip", lambda v: v is None or v > 1.0, "> 1 (or null)"),
-    ("learner.zero_stage", lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3"),
-    ("learner.lr", lambda v: v > 0, "> 0"),
+    ("algo.value_clip", lambda v: v is None or v > 0, "> 0 (or null)"),
+    *((f"{k}.zero_stage", lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3") for k in ("learner", "critic")),
+    *((f"{k}.lr", lambda v: v > 0, "> 0") for k in ("learner", "critic")),
     # The engines return log-probabilities of the raw distribution (temperature 1, no top-p), which is what the
     # learner recomputes: sampling from another distribution would make the PPO ratio wrong.
     ("rollout.temperature", lambda v: v == 1.0, "1.0 (training rollouts sample the raw policy)"),

@@ -1,7 +1,14 @@
-"""The driver: set up the actor groups, run the synchronous CHORD loop, evaluate, write the run directory.
+"""The driver: set up the actor groups, run the CHORD loop, evaluate, write the run directory.
 
-One step (DESIGN.md): plan -> generate (rollout actors) -> reward (reward actors) -> GRPO advantages ->
-train (learner actors, CHORD loss) -> weight sync (learner rank 0 -> every engine) -> metrics.
+One step (DESIGN.md): plan -> generate (rollout actors) -> reward (reward actors) -> advantages (GRPO, or GAE on
+the critic's values) -> reference log-probabilities (with a KL penalty) -> train (learner actors, CHORD loss; the
+critic alongside) for ``epochs`` x ``mini_batches`` optimiser steps -> weight sync (learner rank 0 -> every
+engine) -> metrics.
+
+Async mode (``train.max_staleness`` = S > 0): one worker thread owns the engines. It generates and scores the rollouts
+of steps k+1..k+S while the learners train step k, and loads each new policy version between two of them, so a
+rollout trained on at step j was sampled from policy version j - S or newer. The PPO ratio divides by the behaviour
+log-probabilities the engine returned, so the off-policy gap is corrected.
 """
 
 from __future__ import annotations
@@ -9,10 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
@@ -21,12 +31,13 @@ import torch
 from actors.config import ChorusConfig, ConfigError, to_yaml
 from actors.metrics import STEP_PHASES, JsonlLog, Metrics
 from actors.scheduler import Scheduler, StepPlan
-from learners.advantages import grpo_advantages
+from learners.advantages import final_token_rewards, gae, grpo_advantages, whiten
 from learners.batch import TrainBatch, even_split, split_for_ranks
 from rewards.registry import resolve
 from rollout.data import load_rows, make_synthetic, write_jsonl
+from rollout.engine import weights_file
 from rollout.tiny import ensure_model
-from rollout.types import SamplingSpec
+from rollout.types import Completion, SamplingSpec, Scored
 
 log = logging.getLogger("chorus")
 
@@ -34,6 +45,23 @@ log = logging.getLogger("chorus")
 def _chunks(items: list, k: int) -> list[list]:
     """At most ``k`` contiguous, near-equal, non-empty chunks (one per actor that has work)."""
     return even_split(items, max(1, min(k, len(items))))
+
+
+def _mean(results: list[dict]) -> dict:
+    """Mean of each metric over the optimiser steps of one training step."""
+    return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+
+
+@dataclass
+class Rollouts:
+    """One step's on-policy rows, scored: what the engines hand the learners."""
+
+    plan: StepPlan
+    rows: list[tuple[list[int], Completion]]  # (prompt ids, completion), prompt-major, rollout.n per prompt
+    rewards: torch.Tensor  # [len(rows)] weighted totals
+    scored: list[Scored]
+    version: int  # the policy version (optimiser steps taken) that generated them
+    phase: dict[str, float]  # generate / reward seconds
 
 
 class Trainer:
@@ -57,9 +85,11 @@ class Trainer:
         self.scheduler = Scheduler(cfg.algo, cfg.rollout.n, len(self.prompts), len(self.expert), cfg.train.seed)
         # Everything below holds a resource (a port, a file, shared memory, processes): close() releases what
         # was started, whatever failed.
-        self.metrics = self.log = self.sync_dir = None
-        self.learners = self.rollouts = self.rewards = None
+        self.metrics = self.log = self.sync_dir = self.worker = None
+        self.learners = self.rollouts = self.rewards = self.critic = self.references = None
         self.own_ray = False
+        self.version = 0  # training steps whose weights the learners hold (the policy version)
+        self.engine_version = 0  # ... and the engines
         try:
             self.metrics = Metrics(cfg.metrics.host, cfg.metrics.port)
             for f in cfg.reward.functions:  # export zeros from the start, not only after a first failure
@@ -69,7 +99,6 @@ class Trainer:
             self.log = JsonlLog(self.run_dir / "metrics.jsonl")
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # weight hand-off in memory, not on disk
             self.sync_dir = Path(tempfile.mkdtemp(prefix="chorus-sync-", dir=shm))
-            self.weights_path = self.sync_dir / "weights.safetensors"
             self._start_ray()
             self._start_actors()
         except BaseException:
@@ -123,21 +152,35 @@ class Trainer:
         # train either): at WARNING that is one line per step, so engines log errors only.
         base_env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "ERROR",
                     "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-        lc = cfg.learner
-        self.learners = ActorGroup(
-            "learner", LearnerActor, lc.num_actors,
-            {"CPU": lc.num_cpus, "GPU": lc.num_gpus if lc.num_gpus is not None else float(gpu)},
-            lambda rank: dict(model_path=self.model_path, cfg=lc, algo=cfg.algo, dtype=cfg.model.dtype,
-                              seed=cfg.train.seed, rank=rank, world_size=lc.num_actors),
-            env={**base_env, "OMP_NUM_THREADS": str(lc.num_threads)},
-        )
-        addr, port = self.learners.all(lambda a: a.address.remote())[0]  # rank 0's node hosts the rendezvous
-        self.learners.all(lambda a: a.setup.remote(addr, port))
+        a = cfg.algo
+        colocated_ref = a.kl_coef > 0 and cfg.reference.colocate
+        self.learners = self._deepspeed_group(
+            "learner", LearnerActor, cfg.learner, gpu, base_env,
+            lambda rank: dict(model_path=self.model_path, cfg=cfg.learner, algo=a, dtype=cfg.model.dtype,
+                              seed=cfg.train.seed, rank=rank, world_size=cfg.learner.num_actors,
+                              reference=colocated_ref))
+        if a.advantage == "gae":
+            from learners.critic import CriticActor
+
+            self.critic = self._deepspeed_group(
+                "critic", CriticActor, cfg.critic, gpu, base_env,
+                lambda rank: dict(model_path=self.model_path, cfg=cfg.critic, value_clip=a.value_clip,
+                                  dtype=cfg.model.dtype, seed=cfg.train.seed, rank=rank,
+                                  world_size=cfg.critic.num_actors))
+        if a.kl_coef > 0 and not colocated_ref:
+            from learners.reference import ReferenceActor
+
+            ref = cfg.reference
+            self.references = ActorGroup(
+                "reference", ReferenceActor, ref.num_actors,
+                {"CPU": ref.num_cpus, "GPU": ref.num_gpus if ref.num_gpus is not None else float(gpu)},
+                lambda rank: dict(model_path=self.model_path, dtype=cfg.model.dtype, num_threads=ref.num_threads),
+                env={**base_env, "OMP_NUM_THREADS": str(ref.num_threads)}, max_restarts=3, retries=3)
         rc = cfg.rollout
         self.rollouts = ActorGroup(
             "rollout", RolloutActor, rc.num_actors,
             {"CPU": rc.num_cpus, "GPU": rc.tensor_parallel_size if gpu else 0},
-            lambda rank: dict(backend=rc.backend, model_path=self.model_path, weights_path=str(self.weights_path),
+            lambda rank: dict(backend=rc.backend, model_path=self.model_path, weights_dir=str(self.sync_dir),
                               num_threads=rc.num_threads,
                               dtype=cfg.model.dtype, seed=cfg.train.seed + rank, max_model_len=rc.max_model_len,
                               tensor_parallel_size=rc.tensor_parallel_size, kv_cache_gib=rc.kv_cache_gib,
@@ -149,6 +192,22 @@ class Trainer:
             lambda rank: dict(cfg=cfg.reward), env=base_env, max_restarts=3, retries=3,
         )
 
+    @staticmethod
+    def _deepspeed_group(role: str, cls: type, lc, gpu: bool, env: dict, make_kwargs) -> "ActorGroup":
+        """Data-parallel DeepSpeed ranks: start them, then join their process group at rank 0's address."""
+        from actors.group import ActorGroup
+
+        group = ActorGroup(role, cls, lc.num_actors,
+                           {"CPU": lc.num_cpus, "GPU": lc.num_gpus if lc.num_gpus is not None else float(gpu)},
+                           make_kwargs, env={**env, "OMP_NUM_THREADS": str(lc.num_threads)})
+        try:
+            addr, port = group.all(lambda a: a.address.remote())[0]  # rank 0's node hosts the rendezvous
+            group.all(lambda a: a.setup.remote(addr, port))
+        except BaseException:
+            group.shutdown()
+            raise
+        return group
+
     # --- the loop ---------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
@@ -157,16 +216,32 @@ class Trainer:
         cfg = self.cfg.train
         start = time.perf_counter()
         accuracy = None
+        staleness = cfg.max_staleness
+        if staleness:
+            self.worker = ThreadPoolExecutor(1, thread_name_prefix="chorus-engines")  # FIFO: the engines' order
+        pending: deque = deque()  # async: rollouts of the next steps, generating
+        self.loads: deque = deque()  # async: weight loads queued on the worker (checked so a failure is not lost)
+        planned = 0
         bar = tqdm(range(cfg.steps), desc="train", unit="step", dynamic_ncols=True, disable=None)  # off without a tty
         for step in bar:
-            record = self.step(self.scheduler.plan(step))
+            if not staleness:
+                record = self.step(self.scheduler.plan(step))
+            else:
+                while planned <= min(step + staleness, cfg.steps - 1):  # keep S steps of rollouts ahead
+                    pending.append(self.worker.submit(self._rollouts, self.scheduler.plan(planned)))
+                    planned += 1
+                t = time.perf_counter()
+                rollouts = pending.popleft().result()
+                while self.loads and self.loads[0].done():
+                    self.loads.popleft().result()  # raises what the load raised
+                record = self._learn(rollouts, rollout_wait=time.perf_counter() - t)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 t = time.perf_counter()
-                accuracy = record["eval_accuracy"] = self.evaluate()
+                accuracy = record["eval_accuracy"] = self._on_engines(self.evaluate)
                 record["eval_seconds"] = time.perf_counter() - t
             self.log.write(record)
             bar.write(self._console_line(record))
-        final = self.evaluate()
+        final = self._on_engines(self.evaluate)
         self.log.write({"step": cfg.steps, "eval_accuracy": final, "final": True})
         self.learners.all(lambda a: a.save_pretrained.remote(str(self.run_dir / "final"), self.model_path))
         summary = {"steps": cfg.steps, "final_eval_accuracy": final, "last_periodic_eval_accuracy": accuracy,
@@ -175,40 +250,67 @@ class Trainer:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
+    def _on_engines(self, fn, *args):
+        """Run ``fn`` where engine work runs: inline, or in async mode queued behind the worker's rollouts and weight
+        loads (so it sees the newest policy the learners had when it was queued)."""
+        return self.worker.submit(fn, *args).result() if self.worker else fn(*args)
+
     def step(self, plan: StepPlan) -> dict:
-        """One synchronous step; returns its metrics.jsonl record (also exported to Prometheus)."""
+        """One synchronous step (generate, score, train, sync); returns its metrics.jsonl record."""
+        return self._learn(self._rollouts(plan))
+
+    def _learn(self, rollouts: Rollouts, rollout_wait: float | None = None) -> dict:
+        """Train on one step's rollouts and hand the new weights to the engines (inline in synchronous mode, queued
+        on the engine worker in async mode); returns the step's record (also exported to Prometheus)."""
+        plan = rollouts.plan
         phase = dict.fromkeys(STEP_PHASES, 0.0)
+        phase.update(rollouts.phase)
         t_step = time.perf_counter()
-        rl_rows, rewards, scored = self._rollouts(plan, phase)
-        batch = self._batch(plan, rl_rows, rewards)
         t = time.perf_counter()
-        train = self._train(batch, plan.mu)
+        batch = self._batch(plan, rollouts)
+        train = self._train(batch, plan)
         phase["train"] = time.perf_counter() - t
         t = time.perf_counter()
-        sync_bytes = self.sync_weights()
+        self.version += 1
+        path, nbytes = self._save_weights()
+        if self.worker is None:
+            self._load_weights(path)
+        else:
+            self.loads.append(self.worker.submit(self._load_weights, path))
         phase["sync"] = time.perf_counter() - t
         total = time.perf_counter() - t_step
-        phase["other"] = max(0.0, total - sum(phase.values()))
+        if rollout_wait is None:  # synchronous: the rollout phases are part of the step
+            total += rollouts.phase.get("generate", 0.0) + rollouts.phase.get("reward", 0.0)
+            phase["other"] = max(0.0, total - sum(phase.values()))
+        else:  # async: they overlapped the previous step's training; the step waited only `rollout_wait`
+            total += rollout_wait
+            phase["other"] = max(0.0, total - rollout_wait - phase["train"] - phase["sync"])
 
+        rewards, rl_rows, scored = rollouts.rewards, rollouts.rows, rollouts.scored
         record = {"step": plan.step, "mu": plan.mu, "reward_mean": float(rewards.mean()) if len(rewards) else None,
-                  **{k: train[k] for k in ("loss", "rl_loss", "sft_loss", "kl", "entropy", "clip_frac",
-                                           "grad_norm", "lr")},
+                  **{k: train.get(k) for k in ("loss", "rl_loss", "sft_loss", "kl", "entropy", "clip_frac",
+                                               "grad_norm", "lr", "ref_kl", "value_loss", "value_clip_frac")},
+                  "optimizer_steps": train["optimizer_steps"], "policy_lag": plan.step - rollouts.version,
                   "samples": len(rl_rows), "tokens": sum(len(c.token_ids) for _, c in rl_rows),
-                  "expert_rows": len(plan.expert_ids), "weight_sync_bytes": sync_bytes, "step_seconds": total,
-                  **{f"{k}_seconds": v for k, v in phase.items()}}
+                  "expert_rows": len(plan.expert_ids), "weight_sync_bytes": nbytes * len(self.rollouts),
+                  "step_seconds": total, **{f"{k}_seconds": v for k, v in phase.items()}}
+        if rollout_wait is not None:
+            record["rollout_wait_seconds"] = rollout_wait
         if scored:
             for name in scored[0].components:
                 record[f"reward/{name}"] = sum(s.components[name] for s in scored) / len(scored)
             record["response_tokens_mean"] = record["tokens"] / len(rl_rows)
         self.metrics.observe_step(record)
-        for group in (self.rollouts, self.rewards):
-            self.metrics.restarts.labels(group.role).inc(group.take_restarts())
+        for group in (self.rollouts, self.rewards, self.references):
+            if group is not None:
+                self.metrics.restarts.labels(group.role).inc(group.take_restarts())
         return record
 
-    def _rollouts(self, plan: StepPlan, phase: dict):
-        """Generate and score the step's on-policy rows: [(prompt_ids, completion)], rewards [B*n], scores."""
+    def _rollouts(self, plan: StepPlan) -> Rollouts:
+        """Generate and score the step's on-policy rows (none when mu = 1)."""
+        version, phase = self.engine_version, {}
         if not plan.prompt_ids:
-            return [], torch.zeros(0), []
+            return Rollouts(plan, [], torch.zeros(0), [], version, phase)
         rc = self.cfg.rollout
         spec = SamplingSpec(n=rc.n, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p)
         t = time.perf_counter()
@@ -220,7 +322,7 @@ class Trainer:
         phase["reward"] = time.perf_counter() - t
         rewards = torch.tensor([s.total for s in scored])
         rl_rows = [(self.prompt_ids[plan.prompt_ids[c.prompt_index]], c) for c in completions]
-        return rl_rows, rewards, scored
+        return Rollouts(plan, rl_rows, rewards, scored, version, phase)
 
     def _generate(self, prompts: list[list[int]], spec: SamplingSpec):
         shards = _chunks(list(range(len(prompts))), len(self.rollouts))
@@ -245,54 +347,139 @@ class Trainer:
                 log.warning("reward '%s' failed on prompt %r; fallback score used", name, rows[i]["prompt"])
         return scored
 
-    def _batch(self, plan: StepPlan, rl_rows, rewards: torch.Tensor) -> TrainBatch:
+    def _batch(self, plan: StepPlan, rollouts: Rollouts) -> TrainBatch:
+        """The step's rows: on-policy rows with per-token advantages (and reference log-probabilities, critic values
+        and returns where the algorithm uses them), then the expert rows."""
         a = self.cfg.algo
-        adv = grpo_advantages(rewards, self.cfg.rollout.n, std_normalize=a.adv_std_normalize).tolist() \
-            if rl_rows else []
-        batch = TrainBatch([], [], [], [], [])
-        for (prompt, c), advantage in zip(rl_rows, adv):
-            batch.input_ids.append(prompt + c.token_ids)
-            batch.prompt_lens.append(len(prompt))
-            batch.old_logprobs.append(c.logprobs)
-            batch.advantages.append(advantage)
-            batch.is_expert.append(False)
-        for i in plan.expert_ids:
-            prompt, response = self.expert_rows[i]
-            batch.input_ids.append(prompt + response)
-            batch.prompt_lens.append(len(prompt))
-            batch.old_logprobs.append([0.0] * len(response))
-            batch.advantages.append(0.0)
-            batch.is_expert.append(True)
-        return batch
+        rows = rollouts.rows
+        lengths = [len(c.token_ids) for _, c in rows]
+        rl = TrainBatch(input_ids=[p + c.token_ids for p, c in rows], prompt_lens=[len(p) for p, _ in rows],
+                        old_logprobs=[c.logprobs for _, c in rows], advantages=[[0.0] * n for n in lengths],
+                        is_expert=[False] * len(rows))
+        if rl:
+            if a.advantage == "gae":
+                self._gae(rl, rollouts.rewards, lengths)
+            else:
+                adv = grpo_advantages(rollouts.rewards, self.cfg.rollout.n, std_normalize=a.adv_std_normalize)
+                rl.advantages = [[float(x)] * n for x, n in zip(adv, lengths)]
+            if a.kl_coef > 0:
+                group = self.learners if self.references is None else self.references  # colocated or not
+                rl.ref_logprobs = self._per_rank(group, rl,
+                                                 lambda actor, b: actor.reference_logprobs.remote(b))
+        expert = [self.expert_rows[i] for i in plan.expert_ids]
+        zeros = [[0.0] * len(r) for _, r in expert]
+        rl.input_ids += [p + r for p, r in expert]
+        rl.prompt_lens += [len(p) for p, _ in expert]
+        rl.old_logprobs += zeros
+        rl.advantages += zeros
+        rl.is_expert += [True] * len(expert)
+        for k in ("ref_logprobs", "old_values", "returns"):
+            if getattr(rl, k) is not None:
+                setattr(rl, k, getattr(rl, k) + zeros)
+        return rl
 
-    def _train(self, batch: TrainBatch, mu: float) -> dict:
-        world = len(self.learners)
-        n_rl, n_sft = batch.token_counts()
-        shards = split_for_ranks(batch, world, self.cfg.learner.micro_batch_size)
-        self.metrics.queue.labels("learner").set(world)
-        results = self.learners.map(
-            lambda actor, micro_batches: actor.train_step.remote(micro_batches, mu=mu, n_rl_tokens=n_rl,
-                                                                 n_sft_tokens=n_sft), shards)
+    def _gae(self, rl: TrainBatch, rewards: torch.Tensor, lengths: list[int]) -> None:
+        """PPO: the critic's values of the rollouts, GAE advantages and returns on them (reward on the last token)."""
+        a = self.cfg.algo
+        values = self._per_rank(self.critic, rl, lambda actor, b: actor.values.remote(b))
+        width = max(max(lengths), 1)
+        mask = torch.zeros(len(lengths), width)
+        v = torch.zeros(len(lengths), width)
+        for b, (n, row) in enumerate(zip(lengths, values)):
+            mask[b, :n] = 1.0
+            v[b, :n] = torch.tensor(row)
+        r = whiten(rewards.float()) if a.whiten_rewards and len(rewards) > 1 else rewards.float()
+        adv, returns = gae(final_token_rewards(r, lengths, width), v, mask, gamma=a.gamma, lam=a.lam)
+        if a.whiten_advantages and mask.sum() > 1:
+            adv = whiten(adv, mask)
+        rl.advantages = [adv[b, :n].tolist() for b, n in enumerate(lengths)]
+        rl.returns = [returns[b, :n].tolist() for b, n in enumerate(lengths)]
+        rl.old_values = values
+
+    @staticmethod
+    def _per_rank(group, batch: TrainBatch, call) -> list[list[float]]:
+        """``call(actor, rows)`` with the rows dealt to every actor of ``group`` (each gets a call, if only a filler
+        row: ZeRO-3 forward passes are collective); per-row results in the batch's order."""
+        shards = split_for_ranks(batch, len(group), len(batch))  # [rank][one micro-batch]
+        results = group.map(lambda actor, micros: call(actor, micros[0]), shards)
+        out: list = [None] * len(batch)
+        for rank, rows in enumerate(results):
+            for j, value in enumerate(rows[: len(range(rank, len(batch), len(group)))]):
+                out[rank + j * len(group)] = value
+        return out
+
+    def _train(self, batch: TrainBatch, plan: StepPlan) -> dict:
+        """``epochs`` passes over the step's rows, each in ``mini_batches`` optimiser steps (rows shuffled per pass);
+        the critic takes the same mini-batches' on-policy rows alongside. Returns metrics averaged over the steps."""
+        a, lc = self.cfg.algo, self.cfg.learner
+        rng = random.Random(self.cfg.train.seed * 1_000_003 + plan.step)
+        order = list(range(len(batch)))
+        policy, critic = [], []
+        for _ in range(a.epochs):
+            if a.epochs > 1 or a.mini_batches > 1:
+                rng.shuffle(order)
+            for rows in even_split(order, a.mini_batches):
+                if not rows:
+                    continue
+                mini = batch.select(rows)
+                counts = mini.counts()
+                self.metrics.queue.labels("learner").set(len(self.learners))
+                refs = self.learners.submit(
+                    lambda actor, micros: actor.train_step.remote(micros, mu=plan.mu, **counts),
+                    split_for_ranks(mini, len(self.learners), lc.micro_batch_size))
+                critic_refs = []
+                if self.critic is not None and counts["n_rl_tokens"]:
+                    on_policy = mini.select([i for i, e in enumerate(mini.is_expert) if not e])
+                    critic_refs = self.critic.submit(
+                        lambda actor, micros: actor.train_step.remote(micros, n_tokens=counts["n_rl_tokens"]),
+                        split_for_ranks(on_policy, len(self.critic), self.cfg.critic.micro_batch_size))
+                policy.append(self._reduce(ray.get(refs)))
+                if critic_refs:
+                    critic.append(self._reduce(ray.get(critic_refs)))
         self.metrics.queue.labels("learner").set(0)
-        out = {k: sum(r[k] for r in results) for k in results[0]}  # per-rank partial sums of global means
+        out = _mean(policy)
+        out["optimizer_steps"] = len(policy)
+        if critic:
+            c = _mean(critic)
+            out.update(value_loss=c["value_loss"], value_clip_frac=c["value_clip_frac"])
+        return out
+
+    @staticmethod
+    def _reduce(results: list[dict]) -> dict:
+        """One optimiser step's metrics from every rank's partial sums of global means."""
+        out = {k: sum(r[k] for r in results) for k in results[0]}
         for k in ("grad_norm", "lr"):
             out[k] = results[0][k]
         return out
 
     def sync_weights(self) -> int:
-        """Learner rank 0 writes the weights to shared memory; every engine loads them in place. An engine that
-        Ray restarts loads the same file when it starts (``RolloutActor(weights_path=...)``), so it never
-        generates with stale weights.
+        """Hand the learners' current weights to every engine, now; returns the bytes pushed."""
+        path, nbytes = self._save_weights()
+        self._load_weights(path)
+        return nbytes * len(self.rollouts)
+
+    def _save_weights(self) -> tuple[str, int]:
+        """Learner rank 0 writes this policy version to shared memory (one file per version: in async mode the
+        engines may still be loading the previous one). Returns the path and its size.
 
         The file is node-local: engines on other nodes than learner rank 0 cannot read it (multi-node sync by
         NCCL broadcast is designed with the GPU work, not here)."""
-        path = str(self.weights_path)
-        t = time.perf_counter()
+        path = weights_file(self.sync_dir, self.version)
         nbytes = self.learners.all(lambda a: a.save_weights.remote(path))[0]
-        self.rollouts.map(lambda a, p: a.load_weights.remote(p), [path] * len(self.rollouts))
-        self.metrics.sync_seconds.set(time.perf_counter() - t)
         self.metrics.sync_bytes.inc(nbytes * len(self.rollouts))
-        return nbytes * len(self.rollouts)
+        return path, nbytes
+
+    def _load_weights(self, path: str) -> None:
+        """Every engine loads ``path`` in place; older versions are then deleted. An engine that Ray restarts loads
+        the newest file when it starts (``RolloutActor(weights_dir=...)``), so it never generates with weights older
+        than its peers'."""
+        t = time.perf_counter()
+        self.rollouts.map(lambda a, p: a.load_weights.remote(p), [path] * len(self.rollouts))
+        self.engine_version = int(Path(path).stem.rsplit("-", 1)[1])
+        for old in self.sync_dir.glob("weights-*.safetensors"):
+            if old.name < Path(path).name:
+                old.unlink(missing_ok=True)
+        self.metrics.sync_seconds.set(time.perf_counter() - t)
 
     def evaluate(self) -> float:
         """Greedy generation on the held-out set through the rollout engines; accuracy = exact-match rate."""
@@ -316,7 +503,10 @@ class Trainer:
 
     def close(self) -> None:
         """Stop everything this trainer started; safe to call twice."""
-        for name in ("rollouts", "rewards", "learners"):
+        if self.worker is not None:  # its calls on actors fail once the actors are gone, and it ends
+            self.worker.shutdown(wait=False, cancel_futures=True)
+            self.worker = None
+        for name in ("rollouts", "rewards", "references", "critic", "learners"):
             group = getattr(self, name)
             if group is not None:
                 group.shutdown()

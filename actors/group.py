@@ -63,6 +63,13 @@ class ActorGroup:
         actor order. For collective work (learner ranks): no retry."""
         return ray.get([call(a) for a in self.actors])
 
+    def submit(self, call: Callable[[ActorHandle, Any], ObjectRef], shards: list) -> list[ObjectRef]:
+        """``call(actor i, shards[i])`` on every actor, without waiting: collective work (one shard per rank, no
+        retry) that the caller overlaps with another group's before ``ray.get``."""
+        if len(shards) != len(self.actors):
+            raise ValueError(f"{self.role}: {len(shards)} shards for {len(self.actors)} ranks")
+        return [call(a, shard) for a, shard in zip(self.actors, shards)]
+
     def map(self, call: Callable[[ActorHandle, Any], ObjectRef], shards: list,
             on_pending: Callable[[int], None] | None = None) -> list[Any]:
         """``call(actor, shards[i])`` on actor ``i % size``; results in shard order. A shard whose actor died is

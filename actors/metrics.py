@@ -24,9 +24,20 @@ class Metrics:
         self.expert_rows = Counter("chorus_expert_rows_total", "Expert demonstration rows trained on", registry=r)
         self.reward = Gauge("chorus_reward_mean", "Mean reward of the step's responses, per component "
                             "(component=\"total\" is the weighted sum)", ["component"], registry=r)
-        self.loss = Gauge("chorus_loss", "Loss of the step by kind (rl, sft, total)", ["kind"], registry=r)
+        self.loss = Gauge("chorus_loss", "Loss of the step by kind (rl, sft, total; value: the critic's)", ["kind"],
+                          registry=r)
         self.mu = Gauge("chorus_mu", "CHORD weight of the SFT term", registry=r)
         self.kl = Gauge("chorus_kl", "k3 estimate of KL(behaviour policy || current policy) on RL tokens", registry=r)
+        self.ref_kl = Gauge("chorus_ref_kl", "Estimate (algo.kl_estimator) of KL(policy || reference) on RL tokens, "
+                            "with a reference model", registry=r)
+        self.value_clip_frac = Gauge("chorus_value_clip_fraction", "Share of RL tokens whose critic update was "
+                                     "clipped (PPO)", registry=r)
+        self.policy_lag = Gauge("chorus_policy_lag_steps", "Policy versions between the weights that generated the "
+                                "step's rollouts and the learner's (0 in synchronous mode)", registry=r)
+        self.rollout_wait = Gauge("chorus_rollout_wait_seconds", "Seconds the learner waited for the step's rollouts "
+                                  "(async mode; 0 when generation is fully hidden)", registry=r)
+        self.optimizer_steps = Counter("chorus_optimizer_steps_total", "Optimiser steps of the policy "
+                                       "(epochs x mini-batches per training step)", registry=r)
         self.entropy = Gauge("chorus_entropy", "Mean token entropy of the policy on RL tokens (nats)", registry=r)
         self.clip_frac = Gauge("chorus_clip_fraction", "Share of RL tokens whose ratio was clipped", registry=r)
         self.grad_norm = Gauge("chorus_grad_norm", "Global gradient norm before clipping", registry=r)
@@ -51,8 +62,9 @@ class Metrics:
             self.phase_total.labels(phase)
         for pool in ("rollout", "reward", "learner"):
             self.queue.labels(pool)
-            self.restarts.labels(pool)
-        for kind in ("rl", "sft", "total"):
+        for role in ("rollout", "reward", "reference"):
+            self.restarts.labels(role)
+        for kind in ("rl", "sft", "total", "value"):
             self.loss.labels(kind)
         self.server, self.thread = start_http_server(port, addr=host, registry=r)
         self.host, self.port = host, self.server.server_port
@@ -61,11 +73,16 @@ class Metrics:
         """Export one step's record (the metrics.jsonl line) to the gauges and counters."""
         self.step.set(r["step"] + 1)
         self.mu.set(r["mu"])
-        for kind, key in (("rl", "rl_loss"), ("sft", "sft_loss"), ("total", "loss")):
-            self.loss.labels(kind).set(r[key])
+        for kind, key in (("rl", "rl_loss"), ("sft", "sft_loss"), ("total", "loss"), ("value", "value_loss")):
+            if r.get(key) is not None:
+                self.loss.labels(kind).set(r[key])
         for gauge, key in ((self.kl, "kl"), (self.entropy, "entropy"), (self.clip_frac, "clip_frac"),
-                           (self.grad_norm, "grad_norm"), (self.lr, "lr"), (self.step_seconds, "step_seconds")):
-            gauge.set(r[key])
+                           (self.grad_norm, "grad_norm"), (self.lr, "lr"), (self.step_seconds, "step_seconds"),
+                           (self.ref_kl, "ref_kl"), (self.value_clip_frac, "value_clip_frac"),
+                           (self.policy_lag, "policy_lag"), (self.rollout_wait, "rollout_wait_seconds")):
+            if r.get(key) is not None:
+                gauge.set(r[key])
+        self.optimizer_steps.inc(r["optimizer_steps"])
         self.samples.inc(r["samples"])
         self.tokens.inc(r["tokens"])
         self.expert_rows.inc(r["expert_rows"])

@@ -9,18 +9,24 @@ from actors.config import AlgoConfig
 from rollout.data import Cursor
 
 
-def mu_at(step: int, *, mu_peak: float, mu_valley: float, warmup_steps: int, decay_steps: int) -> float:
-    """CHORD's mu schedule (as in the paper's public implementation in Trinity-RFT):
+def mu_at(step: int, *, mu_peak: float, mu_valley: float, warmup_steps: int, decay_steps: int,
+          hold_steps: int = 0) -> float:
+    """CHORD's mu schedule (as in the paper's public implementation in Trinity-RFT), with an optional hold H:
 
-        step <  W:          mu = mu_peak * step / W                                        (linear warmup)
-        W <= step < W + D:  mu = mu_valley + (mu_peak - mu_valley) * (1 + cos(pi * (step - W) / D)) / 2
-        step >= W + D:      mu = mu_valley
+        step <  W:                  mu = mu_peak * step / W                                        (linear warmup)
+        W <= step < W + H:          mu = mu_peak                                                   (hold)
+        W + H <= step < W + H + D:  mu = mu_valley + (mu_peak - mu_valley) * (1 + cos(pi * s / D)) / 2,
+                                    s = step - W - H                                               (cosine decay)
+        step >= W + H + D:          mu = mu_valley
 
-    With W = D = 0 mu is the constant mu_valley.
+    With W = H = D = 0 mu is the constant mu_valley. SFT-then-RL is mu_peak 1, mu_valley 0, H = the SFT steps, D = 0.
     """
     if step < warmup_steps:
         return mu_peak * step / warmup_steps
     s = step - warmup_steps
+    if s < hold_steps:
+        return mu_peak
+    s -= hold_steps
     if s < decay_steps:
         return mu_valley + (mu_peak - mu_valley) * 0.5 * (1.0 + math.cos(math.pi * s / decay_steps))
     return mu_valley
@@ -49,7 +55,7 @@ class Scheduler:
     def mu(self, step: int) -> float:
         c = self.cfg
         return mu_at(step, mu_peak=c.mu_peak, mu_valley=c.mu_valley,
-                     warmup_steps=c.mu_warmup_steps, decay_steps=c.mu_decay_steps)
+                     warmup_steps=c.mu_warmup_steps, hold_steps=c.mu_hold_steps, decay_steps=c.mu_decay_steps)
 
     def plan(self, step: int) -> StepPlan:
         mu = self.mu(step)

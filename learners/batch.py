@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -18,18 +18,28 @@ class TrainBatch:
     input_ids: list[list[int]]  # [B][L_i] prompt + response tokens, unpadded
     prompt_lens: list[int]  # [B] P_i
     old_logprobs: list[list[float]]  # [B][L_i - P_i] behaviour logprobs of the response (zeros for expert rows)
-    advantages: list[float]  # [B] one advantage per sequence (0 for expert rows)
+    advantages: list[list[float]]  # [B][L_i - P_i] per response token (GRPO: the sequence's, repeated; 0: expert)
     is_expert: list[bool]  # [B] True: an expert demonstration (SFT term); False: on-policy (RL term)
+    # Per response token, present only when the step uses them ([B][L_i - P_i] or None):
+    ref_logprobs: list[list[float]] | None = None  # the frozen reference model's (KL penalty)
+    old_values: list[list[float]] | None = None  # the critic's before this step (value clipping)
+    returns: list[list[float]] | None = None  # the critic's targets (GAE)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def select(self, rows: list[int]) -> "TrainBatch":
-        return TrainBatch(
-            [self.input_ids[i] for i in rows], [self.prompt_lens[i] for i in rows],
-            [self.old_logprobs[i] for i in rows], [self.advantages[i] for i in rows],
-            [self.is_expert[i] for i in rows],
-        )
+        return TrainBatch(**{f.name: None if (v := getattr(self, f.name)) is None else [v[i] for i in rows]
+                             for f in fields(self)})
+
+    def filler(self) -> "TrainBatch":
+        """A row with no response tokens and this batch's optional fields: it adds nothing to the loss or the
+        gradient, and fills a micro-batch that would otherwise be empty so that every rank runs the same number of
+        forward/backward passes (ZeRO's gradient reduction is collective: a rank with one pass fewer would leave the
+        others waiting forever)."""
+        return TrainBatch(input_ids=[[0, 0]], prompt_lens=[2], old_logprobs=[[]], advantages=[[]], is_expert=[False],
+                          **{k: None if getattr(self, k) is None else [[]]
+                             for k in ("ref_logprobs", "old_values", "returns")})
 
     def token_counts(self) -> tuple[int, int]:
         """(on-policy response tokens, expert response tokens): the normalisers of the two loss terms."""
@@ -37,11 +47,11 @@ class TrainBatch:
         sft = sum(len(x) - p for x, p, e in zip(self.input_ids, self.prompt_lens, self.is_expert) if e)
         return rl, sft
 
-
-# A row with no response tokens: it adds nothing to the loss or the gradient, and fills a micro-batch that would
-# otherwise be empty so that every rank runs the same number of forward/backward passes (ZeRO's gradient
-# reduction is collective: a rank with one pass fewer would leave the others waiting forever).
-_FILLER = TrainBatch(input_ids=[[0, 0]], prompt_lens=[2], old_logprobs=[[]], advantages=[0.0], is_expert=[False])
+    def counts(self) -> dict[str, int]:
+        """The global normalisers a learner rank needs: RL tokens, RL sequences with tokens, expert tokens."""
+        rl, sft = self.token_counts()
+        seqs = sum(1 for x, p, e in zip(self.input_ids, self.prompt_lens, self.is_expert) if not e and len(x) > p)
+        return {"n_rl_tokens": rl, "n_rl_seqs": seqs, "n_sft_tokens": sft}
 
 
 def split_for_ranks(batch: TrainBatch, world_size: int, micro_batch_size: int) -> list[list[TrainBatch]]:
@@ -53,7 +63,7 @@ def split_for_ranks(batch: TrainBatch, world_size: int, micro_batch_size: int) -
     """
     per_rank = [list(range(r, len(batch), world_size)) for r in range(world_size)]
     num_micro = max(1, -(-max(map(len, per_rank)) // micro_batch_size))
-    return [[batch.select(rows) if rows else _FILLER for rows in even_split(rank_rows, num_micro)]
+    return [[batch.select(rows) if rows else batch.filler() for rows in even_split(rank_rows, num_micro)]
             for rank_rows in per_rank]
 
 
@@ -70,9 +80,16 @@ class Tensors:
     attention_mask: torch.Tensor  # [B, L]
     targets: torch.Tensor  # [B, L-1] = input_ids[:, 1:]
     mask: torch.Tensor  # [B, L-1] 1.0 where targets[b, t] is a response token
-    old_logprobs: torch.Tensor  # [B, L-1] behaviour logprobs at the response positions, 0 elsewhere
-    advantages: torch.Tensor  # [B]
     is_expert: torch.Tensor  # [B] bool
+    # [B, L-1], each row's per-token values at its response positions and 0 elsewhere (None where the batch has none)
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+
+_PER_TOKEN = ("old_logprobs", "advantages", "ref_logprobs", "old_values", "returns")
 
 
 def collate(batch: TrainBatch, pad_id: int, device: str | torch.device = "cpu") -> Tensors:
@@ -80,16 +97,16 @@ def collate(batch: TrainBatch, pad_id: int, device: str | torch.device = "cpu") 
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     attention = torch.zeros((B, L), dtype=torch.long)
     mask = torch.zeros((B, L - 1))
-    old = torch.zeros((B, L - 1))
-    for i, (ids, p, lp) in enumerate(zip(batch.input_ids, batch.prompt_lens, batch.old_logprobs)):
+    per_token = {k: torch.zeros((B, L - 1)) for k in _PER_TOKEN if getattr(batch, k) is not None}
+    for i, (ids, p) in enumerate(zip(batch.input_ids, batch.prompt_lens)):
         n = len(ids)
         input_ids[i, :n] = torch.tensor(ids)
         attention[i, :n] = 1
         mask[i, p - 1 : n - 1] = 1.0
-        old[i, p - 1 : n - 1] = torch.tensor(lp, dtype=torch.float32)
+        for k, out in per_token.items():
+            out[i, p - 1 : n - 1] = torch.tensor(getattr(batch, k)[i], dtype=torch.float32)
     return Tensors(
         input_ids=input_ids.to(device), attention_mask=attention.to(device), targets=input_ids[:, 1:].to(device),
-        mask=mask.to(device), old_logprobs=old.to(device),
-        advantages=torch.tensor(batch.advantages, dtype=torch.float32, device=device),
-        is_expert=torch.tensor(batch.is_expert, dtype=torch.bool, device=device),
+        mask=mask.to(device), is_expert=torch.tensor(batch.is_expert, dtype=torch.bool, device=device),
+        **{k: v.to(device) for k, v in per_token.items()},
     )

@@ -3,6 +3,7 @@
 The actor group (actors/group.py) starts ``world_size`` of these and gives each its rank and the rendezvous
 address. Every rank gets its share of the step's rows; the loss of each term is normalised by the token count
 of the *global* batch, so the summed gradient equals that of the unsplit batch (see learners/losses.py).
+``DeepSpeedRank`` holds what the policy learner and the critic (learners/critic.py) share.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ def lr_factor(step: int, *, cfg: LearnerConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class LearnerActor:
-    def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgoConfig, *, dtype: str, seed: int,
-                 rank: int, world_size: int):
-        # Construction is cheap; setup() joins the process group once rank 0 has said where it listens.
-        self.model_path, self.cfg, self.algo, self.dtype, self.seed = model_path, cfg, algo, dtype, seed
+class DeepSpeedRank:
+    """One data-parallel rank of a DeepSpeed-trained model. Construction is cheap; ``setup()`` joins the process
+    group once rank 0 has said where it listens (``address()``)."""
+
+    def __init__(self, model_path: str, cfg: LearnerConfig, *, dtype: str, seed: int, rank: int, world_size: int):
+        self.model_path, self.cfg, self.dtype, self.seed = model_path, cfg, dtype, seed
         self.rank, self.world_size = rank, world_size
 
     def address(self) -> tuple[str, int]:
@@ -43,32 +45,35 @@ class LearnerActor:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    def setup(self, master_addr: str, master_port: int) -> None:
+    def _join(self, master_addr: str, master_port: int) -> None:
         import torch
 
-        cfg, dtype, model_path = self.cfg, self.dtype, self.model_path
         gpu = torch.cuda.is_available()
         if not gpu:
             os.environ["DS_ACCELERATOR"] = "cpu"  # must be set before deepspeed is imported
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        torch.set_num_threads(cfg.num_threads)
+        torch.set_num_threads(self.cfg.num_threads)
         torch.manual_seed(self.seed)
         import deepspeed
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        deepspeed.init_distributed(dist_backend=cfg.backend or ("nccl" if gpu else "gloo"))
+        deepspeed.init_distributed(dist_backend=self.cfg.backend or ("nccl" if gpu else "gloo"))
         self.torch = torch
         self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
-        self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.pad_id = AutoTokenizer.from_pretrained(self.model_path).pad_token_id
+
+    def _initialize(self, model) -> None:
+        import deepspeed
+
+        cfg, torch = self.cfg, self.torch
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-            "gradient_accumulation_steps": 1,  # micro-batches are accumulated by hand in train_step
+            "gradient_accumulation_steps": 1,  # micro-batches are accumulated by hand in _step
             "gradient_clipping": cfg.grad_clip,
             "zero_optimization": {"stage": cfg.zero_stage},
-            "bf16": {"enabled": dtype == "bfloat16"},
-            "fp16": {"enabled": dtype == "float16"},
+            "bf16": {"enabled": self.dtype == "bfloat16"},
+            "fp16": {"enabled": self.dtype == "float16"},
             "optimizer": {"type": "AdamW", "params": {
                 "lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay, "torch_adam": True}},
             "steps_per_print": 10**9,
@@ -80,6 +85,51 @@ class LearnerActor:
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
                                                lr_scheduler=schedule)
 
+    def _step(self, micro_batches: list[TrainBatch], loss_fn) -> dict[str, float]:
+        """One optimiser step over this rank's micro-batches (every rank has the same number: see
+        ``learners.batch.split_for_ranks``). ``loss_fn(tensors)`` returns ``(loss, metrics)`` with the loss already
+        normalised by global counts; DeepSpeed averages gradients over ranks, so the loss is multiplied by the world
+        size to make the result the global sum. Returns the metrics summed over micro-batches, grad norm and lr."""
+        self.engine.train()
+        num_micro = len(micro_batches)
+        lr = float(self.engine.get_lr()[0])  # the rate this step uses (the scheduler advances in step())
+        totals: dict = {}
+        for k, micro in enumerate(micro_batches):
+            loss, metrics = loss_fn(collate(micro, self.pad_id, self.device))
+            # Accumulate over the micro-batches ourselves: their number changes from step to step with mu.
+            self.engine.set_gradient_accumulation_boundary(k == num_micro - 1)
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + value
+        self.engine.step()
+        out = {name: float(value) for name, value in totals.items()}
+        out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        out["lr"] = lr
+        return out
+
+    def ready(self) -> int:
+        """The process id: a new one after Ray restarts the actor."""
+        return os.getpid()
+
+
+class LearnerActor(DeepSpeedRank):
+    """The policy. With ``reference`` it also holds a frozen copy of the initial model (the colocated reference)."""
+
+    def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgoConfig, *, dtype: str, seed: int,
+                 rank: int, world_size: int, reference: bool = False):
+        super().__init__(model_path, cfg, dtype=dtype, seed=seed, rank=rank, world_size=world_size)
+        self.algo, self.with_reference = algo, reference
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        self._join(master_addr, master_port)
+        from transformers import AutoModelForCausalLM
+
+        load = partial(AutoModelForCausalLM.from_pretrained, self.model_path, dtype=getattr(self.torch, self.dtype))
+        self._initialize(load())
+        self.ref_model = None
+        if self.with_reference:
+            self.ref_model = load().to(self.device).eval().requires_grad_(False)
+
     # --- forward passes ---------------------------------------------------------------------------------------
 
     def _forward(self, t):
@@ -90,50 +140,40 @@ class LearnerActor:
 
     def logprobs(self, batch: TrainBatch) -> list[list[float]]:
         """Log-probabilities of each row's response tokens under the current weights: [B][L_i - P_i]."""
-        torch = self.torch
+        from learners.reference import response_logprobs
+
         self.engine.eval()
-        with torch.no_grad():
-            t = collate(batch, self.pad_id, self.device)
-            _, lp = self._forward(t)
-        return [lp[i, p - 1 : len(ids) - 1].tolist() for i, (ids, p) in enumerate(zip(batch.input_ids, batch.prompt_lens))]
+        return response_logprobs(self.engine, batch, self.pad_id, self.device)
+
+    def reference_logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        """The same under the frozen reference (colocated: ``reference=True``)."""
+        from learners.reference import response_logprobs
+
+        return response_logprobs(self.ref_model, batch, self.pad_id, self.device)
 
     # --- one optimiser step -----------------------------------------------------------------------------------
 
-    def train_step(self, micro_batches: list[TrainBatch], *, mu: float, n_rl_tokens: int,
+    def train_step(self, micro_batches: list[TrainBatch], *, mu: float, n_rl_tokens: int, n_rl_seqs: int,
                    n_sft_tokens: int) -> dict[str, float]:
-        """One optimiser step over this rank's micro-batches (every rank has the same number: see
-        ``learners.batch.split_for_ranks``).
-
-        ``n_rl_tokens`` / ``n_sft_tokens`` are the token counts of the whole step across ranks. DeepSpeed averages
-        gradients over ranks, so the loss is multiplied by the world size to make the result the global sum.
-        """
+        """One optimiser step on the CHORD loss; the counts are those of the whole mini-batch across ranks."""
         from learners.losses import chord_loss, entropy_from_logits
 
         torch, algo = self.torch, self.algo
-        self.engine.train()
-        num_micro = len(micro_batches)
-        lr = float(self.engine.get_lr()[0])  # the rate this step uses (the scheduler advances in step())
-        totals: dict[str, torch.Tensor] = {}
-        for k, micro in enumerate(micro_batches):
-            t = collate(micro, self.pad_id, self.device)
+
+        def loss_fn(t):
             logits, logprobs = self._forward(t)
             loss, metrics = chord_loss(
                 logprobs, t.old_logprobs, t.advantages, t.mask, t.is_expert, mu=mu, clip_eps=algo.clip_eps,
-                dual_clip=algo.dual_clip, phi=algo.phi, n_rl_tokens=n_rl_tokens, n_sft_tokens=n_sft_tokens,
+                dual_clip=algo.dual_clip, phi=algo.phi, ref_logprobs=t.ref_logprobs, kl_coef=algo.kl_coef,
+                kl_estimator=algo.kl_estimator, agg=algo.loss_agg, n_rl_tokens=n_rl_tokens, n_rl_seqs=n_rl_seqs,
+                n_sft_tokens=n_sft_tokens,
             )
-            # Accumulate over the micro-batches ourselves: their number changes from step to step with mu.
-            self.engine.set_gradient_accumulation_boundary(k == num_micro - 1)
-            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             with torch.no_grad():
                 rl_mask = t.mask * (~t.is_expert).float().unsqueeze(-1)
                 metrics["entropy"] = (entropy_from_logits(logits) * rl_mask).sum() / max(n_rl_tokens, 1)
-            for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + value
-        self.engine.step()
-        out = {name: float(value) for name, value in totals.items()}
-        out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
-        out["lr"] = lr
-        return out
+            return loss, metrics
+
+        return self._step(micro_batches, loss_fn)
 
     # --- weights out ------------------------------------------------------------------------------------------
 
@@ -170,7 +210,3 @@ class LearnerActor:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
-
-    def ready(self) -> int:
-        """The process id: a new one after Ray restarts the actor."""
-        return os.getpid()

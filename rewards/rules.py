@@ -27,3 +27,15 @@ def exact_match(prompts: list[str], responses: list[str], answer: list[str], *, 
     """
     opts = dict(strip=strip, lowercase=lowercase, collapse_spaces=collapse_spaces)
     return [float(_normalize(r, **opts) == _normalize(a, **opts)) for r, a in zip(responses, answer)]
+
+
+@register("char_match")
+def char_match(prompts: list[str], responses: list[str], answer: list[str], **_) -> list[float]:
+    """Share of the answer's characters the response has at the same position (after stripping spaces at both
+    ends): partial credit, so that samples of an untrained model already differ in reward and group-relative
+    advantages are not all zero. Extra characters beyond the answer earn nothing.
+
+    >>> char_match(["abc="], [" cbx"], answer=["cba"])
+    [0.6666666666666666]
+    """
+    return [sum(a == b for a, b in zip(r.strip(), ans)) / max(len(ans), 1) for r, ans in zip(responses, answer)]

@@ -138,16 +138,28 @@ class HFBackend:
 BACKENDS = {"vllm": VLLMBackend, "hf": HFBackend}
 
 
+def weights_file(directory: str | os.PathLike, version: int) -> str:
+    """Where policy version ``version`` is handed to the engines; names sort by version."""
+    return os.path.join(directory, f"weights-{version:08d}.safetensors")
+
+
+def latest_weights(directory: str | os.PathLike) -> str | None:
+    """The newest complete version in ``directory`` (files are renamed into place whole), or None."""
+    names = sorted(n for n in os.listdir(directory) if n.startswith("weights-") and n.endswith(".safetensors"))
+    return os.path.join(directory, names[-1]) if names else None
+
+
 class RolloutActor:
     """Owns one generation backend. Made a Ray actor by the actor group (actors/group.py)."""
 
-    def __init__(self, backend: str, model_path: str, *, weights_path: str, num_threads: int, **backend_kwargs):
+    def __init__(self, backend: str, model_path: str, *, weights_dir: str, num_threads: int, **backend_kwargs):
         import torch
 
         torch.set_num_threads(num_threads)
         self.backend: Backend = BACKENDS[backend](model_path, **backend_kwargs)
-        if os.path.exists(weights_path):  # restarted mid-run: start from the current weights, not the initial ones
-            self.backend.load_weights(weights_path)
+        latest = latest_weights(weights_dir)
+        if latest:  # restarted mid-run: start from the current weights, not the initial ones
+            self.backend.load_weights(latest)
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> tuple[list[Completion], float]:
         """Completions of every prompt (``spec.n`` each, prompt-major) and the seconds it took."""

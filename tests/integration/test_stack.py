@@ -52,7 +52,7 @@ def _engine_vs_learner(trainer, prompts: list[list[int]]) -> tuple[float, int]:
         input_ids=[prompts[c.prompt_index] + c.token_ids for c in completions],
         prompt_lens=[len(prompts[c.prompt_index]) for c in completions],
         old_logprobs=[c.logprobs for c in completions],
-        advantages=[0.0] * len(completions), is_expert=[False] * len(completions),
+        advantages=[[0.0] * len(c.token_ids) for c in completions], is_expert=[False] * len(completions),
     )
     learner = trainer.learners.all(lambda a: a.logprobs.remote(batch))[0]
     diffs = [abs(a - b) for c, lp in zip(completions, learner) for a, b in zip(c.logprobs, lp)]

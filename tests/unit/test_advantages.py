@@ -1,4 +1,4 @@
-"""learners/advantages.py: GRPO advantages by hand and against a plain Python loop."""
+"""learners/advantages.py: GRPO advantages and GAE by hand and against plain Python loops; whitening."""
 
 from __future__ import annotations
 
@@ -8,9 +8,15 @@ import statistics
 import pytest
 import torch
 
-from learners.advantages import grpo_advantages
+from learners.advantages import final_token_rewards, gae, grpo_advantages, whiten
 
 ATOL_F32 = 1e-6  # float32 results
+ATOL = 1e-9  # float64 inputs: hand arithmetic must match to rounding
+F64 = torch.float64
+
+
+def t64(x) -> torch.Tensor:
+    return torch.tensor(x, dtype=F64)
 
 
 def grpo_loop(rewards: list[float], group_size: int, std_normalize: bool, eps: float = 1e-6) -> list[float]:
@@ -74,3 +80,129 @@ def test_grpo_loop_reference_is_right():
     # the reference itself, by hand: [0, 2]: mean 1, stdev sqrt(2) -> [-1 / (1.4142136 + 1e-6), +...]
     a = grpo_loop([0.0, 2.0], 2, True)
     assert math.isclose(a[1], 1.0 / (math.sqrt(2.0) + 1e-6), abs_tol=1e-12) and math.isclose(a[0], -a[1])
+
+
+# --- gae --------------------------------------------------------------------------------------------------------
+
+
+def gae_loop(rewards: list[float], values: list[float], gamma: float, lam: float) -> list[float]:
+    """GAE over one row's tokens (no padding), read off the paper: one token at a time from the end."""
+    out = [0.0] * len(rewards)
+    next_value, next_adv = 0.0, 0.0
+    for t in reversed(range(len(rewards))):
+        delta = rewards[t] + gamma * next_value - values[t]
+        next_adv = delta + gamma * lam * next_adv
+        out[t], next_value = next_adv, values[t]
+    return out
+
+
+def test_gae_gamma_one_lambda_one_by_hand():
+    # gamma = lam = 1: A_t = sum_{k >= t} r_k - V_t, R_t = A_t + V_t = the reward to go
+    #   row 0, 3 tokens: r = [0, 0, 1], V = [0.2, 0.5, 0.7] -> A = [0.8, 0.5, 0.3], R = [1, 1, 1]
+    #   row 1, 2 tokens: r = [0, 2], V = [0.1, 0.4], then padding holding 99 (must not count)
+    #                    -> A = [1.9, 1.6, 0], R = [2, 2, 0]
+    rewards = t64([[0.0, 0.0, 1.0], [0.0, 2.0, 99.0]])
+    values = t64([[0.2, 0.5, 0.7], [0.1, 0.4, 99.0]])
+    mask = t64([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(adv, t64([[0.8, 0.5, 0.3], [1.9, 1.6, 0.0]]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(ret, t64([[1.0, 1.0, 1.0], [2.0, 2.0, 0.0]]), atol=ATOL, rtol=0)
+
+
+def test_gae_discounted_by_hand():
+    # gamma = 0.9, lam = 0.8 (gamma * lam = 0.72); r = [0, 0.5, 1], V = [0.2, 0.4, 0.6]; V after the last token = 0
+    #   t = 2: delta_2 = 1.0 + 0.9 * 0   - 0.6 = 0.4               A_2 = 0.4
+    #   t = 1: delta_1 = 0.5 + 0.9 * 0.6 - 0.4 = 0.64              A_1 = 0.64 + 0.72 * 0.4   = 0.928
+    #   t = 0: delta_0 = 0.0 + 0.9 * 0.4 - 0.2 = 0.16              A_0 = 0.16 + 0.72 * 0.928 = 0.82816
+    #   R = A + V = [1.02816, 1.328, 1.0]
+    rewards, values = [0.0, 0.5, 1.0], [0.2, 0.4, 0.6]
+    adv, ret = gae(t64([rewards]), t64([values]), torch.ones(1, 3, dtype=F64), gamma=0.9, lam=0.8)
+    torch.testing.assert_close(adv, t64([[0.82816, 0.928, 0.4]]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(ret, t64([[1.02816, 1.328, 1.0]]), atol=ATOL, rtol=0)
+    # the loop reference agrees with the hand arithmetic
+    assert all(math.isclose(a, b, abs_tol=ATOL) for a, b in zip(gae_loop(rewards, values, 0.9, 0.8),
+                                                               [0.82816, 0.928, 0.4]))
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 1.0), (0.99, 0.95), (0.9, 0.0), (0.5, 1.0)])
+def test_gae_matches_loop_on_ragged_rows(gamma, lam):
+    g = torch.Generator().manual_seed(int(100 * gamma + 10 * lam))
+    B, T = 6, 7
+    lengths = [7, 3, 0, 1, 5, 6]  # a full row, an empty one, a single token
+    rewards = torch.randn(B, T, generator=g, dtype=F64)
+    values = torch.randn(B, T, generator=g, dtype=F64)  # padding positions hold values too: they must not count
+    mask = torch.zeros(B, T, dtype=F64)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1.0
+    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    expected = torch.zeros(B, T, dtype=F64)
+    for b, n in enumerate(lengths):
+        expected[b, :n] = t64(gae_loop(rewards[b, :n].tolist(), values[b, :n].tolist(), gamma, lam))
+    torch.testing.assert_close(adv, expected, atol=ATOL, rtol=0)
+    # returns = advantages + values on counted tokens, 0 outside (so are the advantages)
+    torch.testing.assert_close(ret, (expected + values) * mask, atol=ATOL, rtol=0)
+    assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+    assert (ret[mask == 1] != 0).all()  # the comparison is not between zeros
+
+
+def test_gae_first_token_advantage_is_total_reward_minus_first_value():
+    # gamma = lam = 1 with the sequence reward on the last token (as chorus builds it): A_0 = R - V_0 and every
+    # token's return is R. Rewards [1.5, -2.0, 3.0], lengths [3, 1, 4], V = [[0.1, ...], [0.7, ...], [-0.4, ...]]:
+    #   A_0 = [1.5 - 0.1, -2.0 - 0.7, 3.0 + 0.4] = [1.4, -2.7, 3.4]
+    lengths = [3, 1, 4]
+    rewards = final_token_rewards(t64([1.5, -2.0, 3.0]), lengths, 4)
+    values = t64([[0.1, 0.3, -0.2, 5.0], [0.7, 5.0, 5.0, 5.0], [-0.4, 0.2, 0.9, 0.3]])
+    mask = t64([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(adv[:, 0], t64([1.4, -2.7, 3.4]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(ret, t64([1.5, -2.0, 3.0])[:, None] * mask, atol=ATOL, rtol=0)
+
+
+# --- final_token_rewards ----------------------------------------------------------------------------------------
+
+
+def test_final_token_rewards_on_each_rows_last_token():
+    # lengths [3, 1, 0, 4], width 4: row 2 has no tokens and gets nothing
+    out = final_token_rewards(t64([1.5, -2.0, 3.0, 0.7]), [3, 1, 0, 4], 4)
+    assert out.dtype == F64
+    assert torch.equal(out, t64([[0.0, 0.0, 1.5, 0.0], [-2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0],
+                                 [0.0, 0.0, 0.0, 0.7]]))
+
+
+# --- whiten -----------------------------------------------------------------------------------------------------
+
+# x = [1, 2, 4] counted, then a masked 1e30: mean = 7/3 = 2.3333333, deviations [-4/3, -1/3, 5/3],
+# squares 16/9 + 1/9 + 25/9 = 42/9, unbiased variance 42/9 / 2 = 7/3, std = sqrt(7/3 + eps 1e-8) = 1.5275252
+# whitened: [-0.8728716, -0.2182179, 1.0910895, 0] (the biased std sqrt(14/9) = 1.2472191 would give -1.0690450 first)
+_WHITEN_X = [1.0, 2.0, 4.0, 1e30]
+_WHITEN_MASK = [1.0, 1.0, 1.0, 0.0]
+_WHITENED = [d / math.sqrt(7 / 3 + 1e-8) for d in (-4 / 3, -1 / 3, 5 / 3)]
+
+
+def test_whiten_by_hand():
+    out = whiten(t64(_WHITEN_X), t64(_WHITEN_MASK))
+    torch.testing.assert_close(out, t64(_WHITENED + [0.0]), atol=ATOL, rtol=0)
+    assert math.isclose(_WHITENED[0], -0.8728716, abs_tol=1e-7)
+    # without a mask every position counts: the same numbers on the counted three
+    torch.testing.assert_close(whiten(t64(_WHITEN_X[:3])), t64(_WHITENED), atol=ATOL, rtol=0)
+
+
+def test_whiten_keep_mean():
+    # shift_mean=False adds the mean back: [-0.8728716 + 2.3333333, ...] = [1.4604618, 2.1151154, 3.4244228, 0];
+    # the counted positions keep mean 7/3 and get unbiased std 1 (up to eps)
+    out = whiten(t64(_WHITEN_X), t64(_WHITEN_MASK), shift_mean=False)
+    torch.testing.assert_close(out, t64([w + 7 / 3 for w in _WHITENED] + [0.0]), atol=ATOL, rtol=0)
+    assert math.isclose(float(out[:3].mean()), 7 / 3, abs_tol=ATOL)
+    assert math.isclose(float(out[:3].std()), 1.0, abs_tol=1e-8)
+
+
+def test_whiten_empty_mask_and_gae_padding_are_finite():
+    # nothing to normalise over -> zeros, not 0/0 = nan
+    assert whiten(torch.tensor([1.0, 2.0]), torch.zeros(2)).tolist() == [0.0, 0.0]
+    # nan / inf at padding positions do not reach the counted ones
+    r = t64([[0.0, 1.0, float("nan")]])
+    v = t64([[0.5, 0.5, float("inf")]])
+    adv, ret = gae(r, v, t64([[1.0, 1.0, 0.0]]), gamma=1.0, lam=1.0)
+    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+    # gamma = lam = 1: A_0 = 1 - 0.5 = 0.5, A_1 = 1 - 0.5 = 0.5
+    assert adv.tolist() == [[0.5, 0.5, 0.0]]

@@ -23,8 +23,9 @@ def _batch() -> TrainBatch:
         input_ids=[[11, 12, 13, 14, 15], [21, 22, 23, 24], [31, 32, 33]],
         prompt_lens=[2, 3, 1],
         old_logprobs=[[-0.1, -0.2, -0.3], [-0.4], [0.0, 0.0]],
-        advantages=[1.5, -0.5, 0.0],
+        advantages=[[1.5, 1.5, 1.5], [-0.5], [0.0, 0.0]],
         is_expert=[False, False, True],
+        ref_logprobs=[[-0.7, -0.8, -0.9], [-1.0], [0.0, 0.0]],
     )
 
 
@@ -38,7 +39,11 @@ def test_collate_shifted_positions():
     assert t.targets[t.mask.bool()].tolist() == [13, 14, 15, 24, 32, 33]  # exactly the response tokens, in order
     torch.testing.assert_close(t.old_logprobs, torch.tensor(
         [[0.0, -0.1, -0.2, -0.3], [0.0, 0.0, -0.4, 0.0], [0.0, 0.0, 0.0, 0.0]]), atol=0, rtol=0)
-    assert t.advantages.tolist() == [1.5, -0.5, 0.0] and t.advantages.dtype == torch.float32
+    assert t.advantages.tolist() == [[0, 1.5, 1.5, 1.5], [0, 0, -0.5, 0], [0, 0, 0, 0]]
+    assert t.advantages.dtype == torch.float32
+    torch.testing.assert_close(t.ref_logprobs, torch.tensor(
+        [[0.0, -0.7, -0.8, -0.9], [0.0, 0.0, -1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]), atol=0, rtol=0)
+    assert t.old_values is None and t.returns is None  # absent fields stay absent
     assert t.is_expert.tolist() == [False, False, True] and t.is_expert.dtype == torch.bool
 
 
@@ -54,7 +59,23 @@ def test_select_and_token_counts_of_a_shard():
     shard = _batch().select([2, 0])
     assert shard.prompt_lens == [1, 2] and shard.is_expert == [True, False]
     assert shard.token_counts() == (3, 2)
+    assert shard.ref_logprobs == [[0.0, 0.0], [-0.7, -0.8, -0.9]] and shard.returns is None
     assert len(shard) == 2
+
+
+def test_counts_give_the_global_normalisers():
+    # RL rows 0 and 1 (3 + 1 tokens), expert row 2 (2 tokens), plus an RL row without response tokens (not a sequence)
+    b = _batch()
+    b = TrainBatch(b.input_ids + [[5, 6]], b.prompt_lens + [2], b.old_logprobs + [[]], b.advantages + [[]],
+                   b.is_expert + [False], ref_logprobs=b.ref_logprobs + [[]])
+    assert b.counts() == {"n_rl_tokens": 4, "n_rl_seqs": 2, "n_sft_tokens": 2}
+
+
+def test_filler_carries_the_batch_optional_fields_and_no_tokens():
+    f = _batch().filler()
+    assert f.ref_logprobs == [[]] and f.old_values is None and f.token_counts() == (0, 0)
+    t = collate(f, PAD)
+    assert t.mask.sum() == 0 and t.ref_logprobs is not None
 
 
 def test_collated_logprobs_pick_the_response_tokens():
@@ -72,7 +93,7 @@ def test_collated_logprobs_pick_the_response_tokens():
 
 def test_collate_empty_response():
     # a completion with no tokens contributes no mask position and no count
-    b = TrainBatch([[1, 2], [3, 4, 5]], [2, 2], [[], [-0.5]], [0.0, 1.0], [False, False])
+    b = TrainBatch([[1, 2], [3, 4, 5]], [2, 2], [[], [-0.5]], [[], [1.0]], [False, False])
     t = collate(b, PAD)
     assert t.mask.tolist() == [[0, 0], [0, 1]]
     assert b.token_counts() == (1, 0)
@@ -82,7 +103,7 @@ def test_collate_empty_response():
 def test_split_for_ranks_gives_every_rank_the_same_number_of_non_empty_micro_batches(rows, world, micro):
     batch = TrainBatch(
         input_ids=[[1, 2, 3 + i] for i in range(rows)], prompt_lens=[2] * rows, old_logprobs=[[-0.5]] * rows,
-        advantages=[float(i) for i in range(rows)], is_expert=[i % 3 == 0 for i in range(rows)],
+        advantages=[[float(i)] for i in range(rows)], is_expert=[i % 3 == 0 for i in range(rows)],
     )
     shards = split_for_ranks(batch, world, micro)
     assert len(shards) == world

@@ -7,7 +7,17 @@ import math
 import pytest
 import torch
 
-from learners.losses import chord_loss, entropy_from_logits, ppo_clip_loss, sft_loss, token_logprobs
+from learners.losses import (
+    LOSS_AGGS,
+    aggregate,
+    chord_loss,
+    entropy_from_logits,
+    kl_penalty,
+    ppo_clip_loss,
+    sft_loss,
+    token_logprobs,
+    value_loss,
+)
 
 ATOL_EXACT = 1e-12  # float64 arithmetic, exact up to rounding
 ATOL_F32 = 1e-6  # float32 results
@@ -63,6 +73,163 @@ def test_entropy_by_hand():
     close(h[0, 1], math.log(3.0), atol=ATOL_F32)
 
 
+# --- aggregate --------------------------------------------------------------------------------------------------
+
+# Two rows of different lengths; row 1's last position is masked and holds a huge value that must not count.
+#   row 0: x = [1, 2, 3], 3 tokens, sum 6
+#   row 1: x = [6, 10, 1e30], 2 tokens, sum 16
+_AGG_X = [[1.0, 2.0, 3.0], [6.0, 10.0, 1e30]]
+_AGG_MASK = [[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]
+
+
+def test_aggregate_each_mode_by_hand():
+    x, mask = t64(_AGG_X), t64(_AGG_MASK)
+    # token-mean:          (6 + 16) / 5 tokens            = 4.4
+    # seq-mean-token-mean: (6 / 3 + 16 / 2) / 2 rows      = (2 + 8) / 2 = 5
+    # seq-mean-token-sum:  (6 + 16) / 2 rows              = 11
+    close(aggregate(x, mask, "token-mean"), 4.4)
+    close(aggregate(x, mask, "seq-mean-token-mean"), 5.0)
+    close(aggregate(x, mask, "seq-mean-token-sum"), 11.0)
+    close(aggregate(x, mask), 4.4)  # the default is token-mean
+
+
+def test_aggregate_gradient_by_hand():
+    # d/dx of each mode is mask times the weight of each token:
+    #   token-mean:          1 / 5 everywhere
+    #   seq-mean-token-mean: 1 / (T_b * N_seqs) = row 0: 1 / (3 * 2) = 1/6, row 1: 1 / (2 * 2) = 1/4
+    #   seq-mean-token-sum:  1 / N_seqs = 1/2
+    # and 0 on the masked position.
+    mask = t64(_AGG_MASK)
+    for agg, (w0, w1) in (("token-mean", (1 / 5, 1 / 5)), ("seq-mean-token-mean", (1 / 6, 1 / 4)),
+                          ("seq-mean-token-sum", (1 / 2, 1 / 2))):
+        x = t64(_AGG_X).requires_grad_(True)
+        (grad,) = torch.autograd.grad(aggregate(x, mask, agg), x)
+        torch.testing.assert_close(grad, t64([[w0, w0, w0], [w1, w1, 0.0]]), atol=ATOL, rtol=0)
+
+
+def test_aggregate_global_counts_override():
+    x, mask = t64(_AGG_X), t64(_AGG_MASK)
+    # n_tokens = 11 (the global batch's tokens): token-mean = 22 / 11 = 2
+    close(aggregate(x, mask, "token-mean", n_tokens=11), 2.0)
+    # n_seqs = 4: seq-mean-token-mean = (2 + 8) / 4 = 2.5; seq-mean-token-sum = 22 / 4 = 5.5
+    close(aggregate(x, mask, "seq-mean-token-mean", n_seqs=4), 2.5)
+    close(aggregate(x, mask, "seq-mean-token-sum", n_seqs=t64(4.0)), 5.5)
+    # each mode reads only its own count: n_seqs does not change a token mean, n_tokens not a sequence mean
+    close(aggregate(x, mask, "token-mean", n_seqs=4), 4.4)
+    close(aggregate(x, mask, "seq-mean-token-mean", n_tokens=11), 5.0)
+    close(aggregate(x, mask, "seq-mean-token-sum", n_tokens=11), 11.0)
+
+
+def test_aggregate_rows_without_tokens_are_not_sequences():
+    # a third row, entirely masked (an expert row in the RL term, or padding): the default n_seqs is 2, not 3
+    #   seq-mean-token-mean = (2 + 8) / 2 = 5 (not 10 / 3); seq-mean-token-sum = 22 / 2 = 11 (not 22 / 3)
+    x = t64(_AGG_X + [[7.0, 7.0, 7.0]])
+    mask = t64(_AGG_MASK + [[0.0, 0.0, 0.0]])
+    close(aggregate(x, mask, "token-mean"), 4.4)
+    close(aggregate(x, mask, "seq-mean-token-mean"), 5.0)
+    close(aggregate(x, mask, "seq-mean-token-sum"), 11.0)
+    # no tokens at all: 0 / clamp(0, min=1) = 0 in every mode, not nan
+    for agg in LOSS_AGGS:
+        assert num(aggregate(x, torch.zeros_like(mask), agg)) == 0.0
+
+
+def test_aggregate_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="unknown loss aggregation 'seq-sum'"):
+        aggregate(t64(_AGG_X), t64(_AGG_MASK), "seq-sum")
+
+
+# --- kl_penalty -------------------------------------------------------------------------------------------------
+
+
+def test_kl_penalty_by_hand():
+    # log r = ref - logprobs = [-0.5, 1.0, 0.0 (masked: forced to 0 whatever the inputs)]
+    #   k1 = -log r                = [0.5, -1.0, 0]
+    #   k3 = exp(log r) - 1 - log r = [0.6065307 - 1 + 0.5, 2.7182818 - 1 - 1, 0] = [0.1065307, 0.7182818, 0]
+    # gradients wrt logprobs (d log r / d logprobs = -1):
+    #   k1: d(-log r) = +1 on each counted token
+    #   k3: -(r - 1) = 1 - r = [1 - 0.6065307, 1 - 2.7182818, 0] = [0.3934693, -1.7182818, 0]
+    mask = t64([[1.0, 1.0, 0.0]])
+    ref = t64([[-1.5, -1.0, -0.2]])
+    for est, expected, expected_grad in (
+        ("k1", [0.5, -1.0, 0.0], [1.0, 1.0, 0.0]),
+        ("k3", [math.exp(-0.5) - 0.5, math.e - 2.0, 0.0], [1.0 - math.exp(-0.5), 1.0 - math.e, 0.0]),
+    ):
+        logprobs = t64([[-1.0, -2.0, -3.0]]).requires_grad_(True)
+        kl = kl_penalty(logprobs, ref, mask, est)
+        assert kl.shape == (1, 3)
+        torch.testing.assert_close(kl.detach(), t64([expected]), atol=ATOL, rtol=0)
+        (grad,) = torch.autograd.grad(kl.sum(), logprobs)
+        torch.testing.assert_close(grad, t64([expected_grad]), atol=ATOL, rtol=0)
+    # the default estimator is k3
+    torch.testing.assert_close(kl_penalty(t64([[-1.0, -2.0, -3.0]]), ref, mask),
+                               kl_penalty(t64([[-1.0, -2.0, -3.0]]), ref, mask, "k3"), atol=0, rtol=0)
+
+
+def test_kl_penalty_k3_is_never_negative_where_k1_is():
+    g = torch.Generator().manual_seed(7)
+    logprobs = -torch.rand(4, 9, generator=g, dtype=F64) * 4
+    ref = -torch.rand(4, 9, generator=g, dtype=F64) * 4
+    mask = torch.ones(4, 9, dtype=F64)
+    assert (kl_penalty(logprobs, ref, mask, "k1") < 0).any()  # the inputs reach k1's negative side
+    assert (kl_penalty(logprobs, ref, mask, "k3") >= 0).all()
+
+
+def test_kl_penalty_masked_positions_are_zero_even_with_extreme_values():
+    # float32 as in the learner. Counted token: log r = -0.7 + 0.5 = -0.2 -> k1 = 0.2, k3 = 0.8187308 - 0.8 = 0.0187308
+    # Masked positions: log p = -100 vs ref 0 (exp(100) = inf in float32), ref = -inf, and -inf - (-inf) = nan.
+    inf = math.inf
+    mask = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    ref = torch.tensor([[-0.7, 0.0, -inf, -inf]])
+    for est, expected, expected_grad in (("k1", 0.2, 1.0), ("k3", math.exp(-0.2) - 0.8, 1.0 - math.exp(-0.2))):
+        logprobs = torch.tensor([[-0.5, -100.0, -1.0, -inf]], requires_grad=True)
+        kl = kl_penalty(logprobs, ref, mask, est)
+        close(kl[0, 0], expected, atol=ATOL_F32)
+        assert kl[0, 1:].tolist() == [0.0, 0.0, 0.0]
+        (grad,) = torch.autograd.grad(kl.sum(), logprobs)
+        assert torch.isfinite(grad).all()
+        close(grad[0, 0], expected_grad, atol=ATOL_F32)  # 1 for k1; 1 - r = 1 - 0.8187308 = 0.1812692 for k3
+        assert grad[0, 1:].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_kl_penalty_k3_clamped_at_ten():
+    # log r = ref - logprobs = [2, 3, -20, -inf (a token the reference finds impossible)]
+    #   k3 = [e^2 - 3, e^3 - 4, e^-20 + 19, inf] = [4.3890561, 16.0855369, 19.0000000, inf] -> [4.3890561, 10, 10, 10]
+    #   gradient wrt logprobs: 1 - r = 1 - e^2 = -6.3890561 on the unclamped token, 0 where the clamp binds
+    #   k1 = -log r = [-2, -3, 20, inf] is not clamped
+    logprobs = t64([[-3.0, -4.0, -1.0, -1.0]]).requires_grad_(True)
+    ref = t64([[-1.0, -1.0, -21.0, -math.inf]])
+    mask = torch.ones(1, 4, dtype=F64)
+    k3 = kl_penalty(logprobs, ref, mask, "k3")
+    torch.testing.assert_close(k3.detach(), t64([[math.exp(2.0) - 3.0, 10.0, 10.0, 10.0]]), atol=ATOL, rtol=0)
+    (grad,) = torch.autograd.grad(k3.sum(), logprobs)
+    torch.testing.assert_close(grad, t64([[1.0 - math.exp(2.0), 0.0, 0.0, 0.0]]), atol=ATOL, rtol=0)
+    assert kl_penalty(logprobs, ref, mask, "k1").tolist() == [[-2.0, -3.0, 20.0, math.inf]]
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_kl_penalty_is_an_unbiased_estimate_of_kl_current_to_reference(estimator):
+    # Tokens are sampled from the current policy p: weight each token of a 3-token vocabulary by p (mask = 1) and
+    # sum, an exact expectation E_p[k]. With p = [0.5, 0.3, 0.2], ref = [0.7, 0.2, 0.1]:
+    #   KL(p || ref) = 0.5 ln(0.5/0.7) + 0.3 ln(0.3/0.2) + 0.2 ln(0.2/0.1)
+    #                = -0.1682361 + 0.1216395 + 0.1386294 = 0.0920328
+    #   k1 per token = ln(p/ref)                 = [-0.3364722, 0.4054651, 0.6931472]
+    #   k3 per token = ref/p - 1 - ln(ref/p)     = [0.0635278, 0.0721318, 0.1931472]
+    #   E_p[k3] = 0.0317639 + 0.0216395 + 0.0386294 = 0.0920328 (sum ref - sum p = 0 leaves E_p[-log r])
+    # The other direction, KL(ref || p) = 0.0851227 (test_kl_metric_is_an_unbiased_...), would be the wrong one.
+    p = t64([[0.5, 0.3, 0.2]])
+    ref = t64([[0.7, 0.2, 0.1]])
+    kl = kl_penalty(p.log(), ref.log(), torch.ones_like(p), estimator)
+    expected = 0.5 * math.log(0.5 / 0.7) + 0.3 * math.log(0.3 / 0.2) + 0.2 * math.log(0.2 / 0.1)
+    close(expected, 0.0920328, atol=ATOL_7DP)
+    close((kl * p).sum(), expected)
+
+
+def test_kl_penalty_rejects_unknown_estimator():
+    x = t64([[-1.0]])
+    with pytest.raises(ValueError, match="unknown KL estimator 'k2'"):
+        kl_penalty(x, x, torch.ones_like(x), "k2")
+
+
 # --- ppo_clip_loss ----------------------------------------------------------------------------------------------
 
 # Two rows, T = 3, clip_eps = 0.2 (ratio clipped to [0.8, 1.2]); log_ratio = logprobs - old_logprobs:
@@ -77,6 +244,10 @@ def _ppo_inputs():
     old = t64([[-1.0, -2.0, -0.7], [-1.5, -0.3, -4.0]])
     logprobs = (old + t64(_LOG_RATIO)).requires_grad_(True)
     return logprobs, old, t64(_ADV), t64(_MASK)
+
+
+# the pg loss of _ppo_inputs summed over its 5 tokens (test_ppo_clip_loss_by_hand): 1.3880160
+_PG_SUM = -math.exp(0.1) - 1.2 - math.exp(-0.5) + 2 * math.exp(0.3) + 1.6
 
 
 def test_ppo_clip_loss_by_hand():
@@ -116,7 +287,7 @@ def test_ppo_clip_loss_global_token_count():
     # With n_tokens = 20 (the global batch) the same sum 1.3880160 is divided by 20, not by the 5 local tokens.
     logprobs, old, adv, mask = _ppo_inputs()
     loss, metrics = ppo_clip_loss(logprobs, old, adv, mask, clip_eps=0.2, n_tokens=20)
-    close(loss, (-math.exp(0.1) - 1.2 - math.exp(-0.5) + 2 * math.exp(0.3) + 1.6) / 20)
+    close(loss, _PG_SUM / 20)
     close(metrics["clip_frac"], 2 / 20)
 
 
@@ -173,6 +344,88 @@ def test_ppo_metrics_ignore_masked_positions_with_extreme_logprobs():
     close(loss, -math.exp(-0.1), atol=ATOL_F32)
     # kl = exp(-0.1) - 1 + 0.1 = 0.0048374
     close(metrics["kl"], math.exp(-0.1) - 0.9, atol=ATOL_F32)
+
+
+# The reference model's log-probabilities as shifts of the current ones: log r = ref - logprobs =
+#   row 0: [-0.2, 0.1, 0.0]
+#   row 1: [0.4, -0.5, 50.0], the last position masked (k1 = -50 and k3 clamped to 10 there if it counted)
+_REF_SHIFT = [[-0.2, 0.1, 0.0], [0.4, -0.5, 50.0]]
+# k1 = -log r = [0.2, -0.1, 0 | -0.4, 0.5]: sum 0.2, mean over 5 tokens 0.04
+_K1_SUM = 0.2
+# k3 = exp(log r) - 1 - log r:
+#   -0.2: 0.8187308 - 0.8 = 0.0187308    0.1: 1.1051709 - 1.1 = 0.0051709    0.0: 0
+#    0.4: 1.4918247 - 1.4 = 0.0918247   -0.5: 0.6065307 - 0.5 = 0.1065307
+#   sum 0.2222570, mean over 5 tokens 0.0444514
+_K3_SUM = sum(math.exp(d) - 1.0 - d for d in (-0.2, 0.1, 0.0, 0.4, -0.5))
+
+
+def _ppo_ref(logprobs: torch.Tensor) -> torch.Tensor:
+    return logprobs.detach() + t64(_REF_SHIFT)
+
+
+@pytest.mark.parametrize("estimator, kl_sum", [("k1", _K1_SUM), ("k3", _K3_SUM)])
+def test_ppo_clip_loss_with_reference_kl_by_hand(estimator, kl_sum):
+    close(_K3_SUM, 0.2222570, atol=ATOL_7DP)
+    logprobs, old, adv, mask = _ppo_inputs()
+    ref = _ppo_ref(logprobs)
+    # loss = pg loss + kl_coef * mean kl = (1.3880160 + 0.5 * kl_sum) / 5
+    #   k1: (1.3880160 + 0.1) / 5 = 0.2976032;  k3: (1.3880160 + 0.1111285) / 5 = 0.2998289
+    loss, metrics = ppo_clip_loss(logprobs, old, adv, mask, clip_eps=0.2, ref_logprobs=ref, kl_coef=0.5,
+                                  kl_estimator=estimator)
+    close(loss, (_PG_SUM + 0.5 * kl_sum) / 5)
+    # ref_kl is the unscaled token mean of the penalty; the PPO metrics do not move
+    close(metrics["ref_kl"], kl_sum / 5)
+    close(metrics["clip_frac"], 0.4)
+    # with the global token count (20) both terms are divided by 20
+    loss, metrics = ppo_clip_loss(logprobs, old, adv, mask, clip_eps=0.2, ref_logprobs=ref, kl_coef=0.5,
+                                  kl_estimator=estimator, n_tokens=20)
+    close(loss, (_PG_SUM + 0.5 * kl_sum) / 20)
+    close(metrics["ref_kl"], kl_sum / 20)
+
+
+def test_ppo_clip_loss_reference_kl_with_sequence_aggregation_by_hand():
+    # seq-mean-token-sum, k1, kl_coef = 0.5: per row sum of pg_loss + 0.5 * k1
+    #   row 0: -1.1051709 - 1.2 - 0.6065307 + 0.5 * (0.2 - 0.1 + 0) = -2.9117016 + 0.05 = -2.8617016
+    #   row 1:  2.6997176 + 1.6 + 0.5 * (-0.4 + 0.5)               =  4.2997176 + 0.05 =  4.3497176
+    #   / 2 rows = 0.7440080
+    logprobs, old, adv, mask = _ppo_inputs()
+    loss, metrics = ppo_clip_loss(logprobs, old, adv, mask, clip_eps=0.2, ref_logprobs=_ppo_ref(logprobs),
+                                  kl_coef=0.5, kl_estimator="k1", agg="seq-mean-token-sum")
+    close(loss, (_PG_SUM + 0.5 * _K1_SUM) / 2)
+    close(loss, 0.7440080, atol=ATOL_7DP)
+    # metrics stay token means whatever agg is: ref_kl = 0.2 / 5, clip_frac = 2 / 5
+    close(metrics["ref_kl"], _K1_SUM / 5)
+    close(metrics["clip_frac"], 0.4)
+
+
+def test_ppo_clip_loss_zero_kl_coef_reports_ref_kl_without_changing_the_loss():
+    logprobs, old, adv, mask = _ppo_inputs()
+    plain, plain_metrics = ppo_clip_loss(logprobs, old, adv, mask, clip_eps=0.2)
+    (plain_grad,) = torch.autograd.grad(plain, logprobs)
+    assert "ref_kl" not in plain_metrics
+    loss, metrics = ppo_clip_loss(logprobs, old, adv, mask, clip_eps=0.2, ref_logprobs=_ppo_ref(logprobs),
+                                  kl_coef=0.0)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert num(loss) == num(plain)
+    assert torch.equal(grad, plain_grad)
+    # the penalty is still measured (default estimator k3): 0.2222570 / 5 = 0.0444514
+    close(metrics["ref_kl"], _K3_SUM / 5)
+    assert not metrics["ref_kl"].requires_grad
+
+
+def test_ppo_clip_loss_k1_penalty_gradient_by_hand():
+    # d/dlogp of kl_coef * sum(mask * (logp - ref)) / n_tokens = kl_coef / n_tokens on each counted token, 0 on the
+    # masked one; the pg part of the gradient is unchanged (test_ppo_clip_loss_by_hand). kl_coef = 0.5:
+    #   n_tokens = 5 (local): 0.1;  n_tokens = 20 (global): 0.025
+    logprobs, old, adv, mask = _ppo_inputs()
+    ref = _ppo_ref(logprobs)
+    for n_tokens, step in ((None, 0.5 / 5), (20, 0.5 / 20)):
+        plain, _ = ppo_clip_loss(logprobs, old, adv, mask, clip_eps=0.2, n_tokens=n_tokens)
+        (plain_grad,) = torch.autograd.grad(plain, logprobs)
+        loss, _ = ppo_clip_loss(logprobs, old, adv, mask, clip_eps=0.2, ref_logprobs=ref, kl_coef=0.5,
+                                kl_estimator="k1", n_tokens=n_tokens)
+        (grad,) = torch.autograd.grad(loss, logprobs)
+        torch.testing.assert_close(grad - plain_grad, step * mask, atol=ATOL, rtol=0)
 
 
 # --- sft_loss ---------------------------------------------------------------------------------------------------
@@ -313,6 +566,83 @@ def test_chord_split_sums_to_unsplit_loss_and_gradient():
     assert abs(local_total - num(full)) > 1e-3
 
 
+def _random_ref(logprobs: torch.Tensor, seed: int) -> torch.Tensor:
+    """Reference log-probabilities ``logprobs + u``, u uniform in [-0.8, 0.2] (no graph): mostly below the current
+    ones, so that the token mean of k1 stays well away from 0."""
+    g = torch.Generator().manual_seed(seed)
+    return logprobs.detach() + (torch.rand(logprobs.shape, generator=g, dtype=F64) - 0.8)
+
+
+@pytest.mark.parametrize("kl_estimator", ["k1", "k3"])
+@pytest.mark.parametrize("agg", LOSS_AGGS)
+def test_ppo_split_sums_to_unsplit_loss_and_gradient_for_every_agg(agg, kl_estimator):
+    """As test_chord_split_sums_to_unsplit_loss_and_gradient, for each aggregation, with the reference KL on:
+    with the global n_tokens / n_seqs the parts' losses and gradients sum to the whole batch's."""
+    logprobs, old, adv, mask, _ = _random_batch(3)
+    mask[2] = 0.0  # a row without tokens: not a sequence of the global count
+    ref = _random_ref(logprobs, 4)
+    logprobs.requires_grad_(True)
+    n_tokens, n_seqs = mask.sum(), (mask.sum(-1) > 0).sum()
+    assert int(n_seqs) == 6
+    kw = dict(clip_eps=0.2, dual_clip=3.0, kl_coef=0.3, kl_estimator=kl_estimator, agg=agg)
+    full, full_metrics = ppo_clip_loss(logprobs, old, adv, mask, ref_logprobs=ref, n_tokens=n_tokens, n_seqs=n_seqs,
+                                       **kw)
+    (full_grad,) = torch.autograd.grad(full, logprobs)
+    # the global counts of the whole batch are its own counts: same loss as the defaults
+    close(full, num(ppo_clip_loss(logprobs, old, adv, mask, ref_logprobs=ref, **kw)[0]), atol=ATOL_EXACT)
+    # the KL term is on: it moves the loss
+    no_kl, _ = ppo_clip_loss(logprobs, old, adv, mask, ref_logprobs=ref, **{**kw, "kl_coef": 0.0})
+    assert abs(num(full) - num(no_kl)) > 1e-2
+
+    parts = [slice(0, 2), slice(2, 3), slice(3, 7)]  # uneven; the middle part is the row without tokens
+    total, grad_sum, local_total = 0.0, torch.zeros_like(logprobs), 0.0
+    metric_sums = {k: 0.0 for k in full_metrics}
+    for s in parts:
+        loss, metrics = ppo_clip_loss(logprobs[s], old[s], adv[s], mask[s], ref_logprobs=ref[s], n_tokens=n_tokens,
+                                      n_seqs=n_seqs, **kw)
+        (g,) = torch.autograd.grad(loss, logprobs)  # zero outside the part's rows
+        total, grad_sum = total + num(loss), grad_sum + g
+        for k in metric_sums:
+            metric_sums[k] += num(metrics[k])
+        local_total += num(ppo_clip_loss(logprobs[s], old[s], adv[s], mask[s], ref_logprobs=ref[s], **kw)[0])
+
+    close(full, total, atol=ATOL_EXACT)
+    torch.testing.assert_close(grad_sum, full_grad, atol=ATOL_EXACT, rtol=0)
+    assert "ref_kl" in metric_sums
+    for k, v in metric_sums.items():
+        close(full_metrics[k], v, atol=ATOL_EXACT)
+    # the test can fail: normalising by each part's own counts does not add up
+    assert abs(local_total - num(full)) > 1e-3
+
+
+@pytest.mark.parametrize("agg", LOSS_AGGS)
+def test_chord_agg_and_kl_apply_to_the_rl_term_only(agg):
+    logprobs, old, adv, mask, is_expert = _random_batch(5)
+    on = ~is_expert
+    ref = _random_ref(logprobs, 6)
+    base = dict(clip_eps=0.2, dual_clip=3.0, phi=True)
+    rl = dict(ref_logprobs=ref, kl_coef=0.5, kl_estimator="k1", agg=agg)
+    # mu = 1: only the SFT term, a token mean over the expert rows, whatever agg and the KL settings say
+    loss, metrics = chord_loss(logprobs, old, adv, mask, is_expert, mu=1.0, **base, **rl)
+    plain, _ = chord_loss(logprobs, old, adv, mask, is_expert, mu=1.0, **base)
+    close(loss, num(plain), atol=ATOL_EXACT)
+    close(loss, num(sft_loss(logprobs[is_expert], mask[is_expert], phi=True)[0]), atol=ATOL_EXACT)
+    assert "ref_kl" in metrics
+    # mu = 0: the RL term is ppo_clip_loss on the on-policy rows with the same agg and KL; expert rows are masked
+    # out of the RL term, so its default n_seqs counts the on-policy rows only
+    for n_seqs in (None, 10):
+        loss, metrics = chord_loss(logprobs, old, adv, mask, is_expert, mu=0.0, n_rl_seqs=n_seqs, **base, **rl)
+        expected, expected_metrics = ppo_clip_loss(
+            logprobs[on], old[on], adv[on], mask[on], clip_eps=0.2, dual_clip=3.0, ref_logprobs=ref[on],
+            kl_coef=0.5, kl_estimator="k1", agg=agg, n_seqs=n_seqs,
+        )
+        close(loss, num(expected), atol=ATOL_EXACT)
+        close(metrics["ref_kl"], num(expected_metrics["ref_kl"]), atol=ATOL_EXACT)
+    # ... and the KL settings do move the RL term
+    plain, _ = chord_loss(logprobs, old, adv, mask, is_expert, mu=0.0, agg=agg, **base)
+    assert abs(num(loss) - num(plain)) > 1e-3
+
+
 def test_kl_metric_is_an_unbiased_estimate_of_kl_behaviour_to_current():
     # Over a 3-token vocabulary, weight each token's k3 by its behaviour probability q (mask = q, n_tokens = 1):
     # the expectation E_q[exp(x) - 1 - x], x = log p - log q, must equal KL(q || p) exactly.
@@ -324,3 +654,81 @@ def test_kl_metric_is_an_unbiased_estimate_of_kl_behaviour_to_current():
     _, metrics = ppo_clip_loss(p.log(), q.log(), torch.tensor([1.0], dtype=torch.float64), q, clip_eps=0.2,
                                n_tokens=1.0)
     close(metrics["kl"], 0.0851227, atol=ATOL_F32)
+
+
+# --- value_loss -------------------------------------------------------------------------------------------------
+
+# clip_eps = 0.2: v_clip = V_old + clip(V - V_old, -0.2, 0.2); l1 = (V - R)^2, l2 = (v_clip - R)^2
+#   row 0, 3 tokens:
+#     a: V = 1.0,  V_old = 0.5, R = 0.0: v_clip = 0.7;  l1 = 1.00, l2 = 0.49 -> 1.00 (clip outside, not binding)
+#     b: V = 1.0,  V_old = 0.5, R = 2.0: v_clip = 0.7;  l1 = 1.00, l2 = 1.69 -> 1.69 (binding)
+#     c: V = 0.3,  V_old = 0.4, R = 0.5: v_clip = 0.3 (V - V_old = -0.1 inside); l1 = l2 = 0.04 -> 0.04 (not binding)
+#   row 1, 1 token, then two masked positions (a huge value among them):
+#     d: V = -0.5, V_old = 0.0, R = -1.0: v_clip = -0.2; l1 = 0.25, l2 = 0.64 -> 0.64 (binding, lower side)
+_VALUES = [[1.0, 1.0, 0.3], [-0.5, 1e3, 7.0]]
+_OLD_VALUES = [[0.5, 0.5, 0.4], [0.0, 0.0, 0.0]]
+_RETURNS = [[0.0, 2.0, 0.5], [-1.0, 0.0, 0.0]]
+_VALUE_MASK = [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
+
+
+def _value_inputs():
+    return t64(_VALUES).requires_grad_(True), t64(_OLD_VALUES), t64(_RETURNS), t64(_VALUE_MASK)
+
+
+def test_value_loss_without_clipping_by_hand():
+    values, old, returns, mask = _value_inputs()
+    loss, metrics = value_loss(values, old, returns, mask)
+    # 0.5 * (1.00 + 1.00 + 0.04 + 0.25) / 4 = 0.5 * 0.5725 = 0.28625
+    close(loss, 0.28625)
+    close(metrics["value_loss"], 0.28625)
+    close(metrics["value_clip_frac"], 0.0)
+    # value_mean = (1.0 + 1.0 + 0.3 - 0.5) / 4 = 0.45
+    close(metrics["value_mean"], 0.45)
+    # d loss / dV = 0.5 * 2 (V - R) / 4 = (V - R) / 4 = [0.25, -0.25, -0.05 | 0.125, 0, 0]
+    (grad,) = torch.autograd.grad(loss, values)
+    torch.testing.assert_close(grad, t64([[0.25, -0.25, -0.05], [0.125, 0.0, 0.0]]), atol=ATOL, rtol=0)
+
+
+def test_value_loss_with_clipping_by_hand():
+    values, old, returns, mask = _value_inputs()
+    loss, metrics = value_loss(values, old, returns, mask, clip_eps=0.2)
+    # 0.5 * (1.00 + 1.69 + 0.04 + 0.64) / 4 = 0.5 * 3.37 / 4 = 0.42125
+    close(loss, 0.42125)
+    close(metrics["value_loss"], 0.42125)
+    # b and d clipped: 2 of 4 tokens (c, where l1 = l2, is not)
+    close(metrics["value_clip_frac"], 0.5)
+    close(metrics["value_mean"], 0.45)
+    assert all(not m.requires_grad for m in metrics.values())
+    # where the clipped term wins, its V sits at the clamp's bound: no gradient. Elsewhere (V - R) / 4:
+    #   [0.25 (a: l1 wins though V - V_old is outside the clip range), 0 (b), -0.05 (c), | 0 (d), 0, 0]
+    (grad,) = torch.autograd.grad(loss, values)
+    torch.testing.assert_close(grad, t64([[0.25, 0.0, -0.05], [0.0, 0.0, 0.0]]), atol=ATOL, rtol=0)
+    # with the global token count (8): 0.5 * 3.37 / 8 = 0.210625, clip_frac 2 / 8
+    loss, metrics = value_loss(values, old, returns, mask, clip_eps=0.2, n_tokens=8)
+    close(loss, 0.210625)
+    close(metrics["value_clip_frac"], 0.25)
+
+
+def test_value_loss_aggregations_by_hand():
+    values, old, returns, mask = _value_inputs()
+    # per-token clipped losses: row 0 [1.00, 1.69, 0.04] (sum 2.73, 3 tokens), row 1 [0.64] (1 token)
+    #   seq-mean-token-mean: 0.5 * (2.73 / 3 + 0.64) / 2 = 0.5 * (0.91 + 0.64) / 2 = 0.3875
+    #   seq-mean-token-sum:  0.5 * (2.73 + 0.64) / 2     = 0.8425
+    #   with n_seqs = 5:     0.5 * 3.37 / 5              = 0.337
+    close(value_loss(values, old, returns, mask, clip_eps=0.2, agg="seq-mean-token-mean")[0], 0.3875)
+    close(value_loss(values, old, returns, mask, clip_eps=0.2, agg="seq-mean-token-sum")[0], 0.8425)
+    close(value_loss(values, old, returns, mask, clip_eps=0.2, agg="seq-mean-token-sum", n_seqs=5)[0], 0.337)
+    # the metrics other than value_loss stay token means
+    _, metrics = value_loss(values, old, returns, mask, clip_eps=0.2, agg="seq-mean-token-sum")
+    close(metrics["value_loss"], 0.8425)
+    close(metrics["value_clip_frac"], 0.5)
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        value_loss(values, old, returns, mask, agg="mean")
+
+
+def test_value_loss_ignores_non_finite_padding():
+    # 1e20 squared overflows float32 to inf, and inf * 0 = nan: positions outside the mask must not be used at all.
+    # Counted position: V = 0.5, R = 0 -> 0.5 * 0.25 = 0.125
+    v = torch.tensor([[0.5, 1e20]])
+    loss, _ = value_loss(v, torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]))
+    close(loss, 0.125, atol=ATOL_F32)

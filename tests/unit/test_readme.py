@@ -30,6 +30,11 @@ def test_config_reference_lists_every_schema_key():
     keys = set(_keys(ChorusConfig))
     section = README.split("## Config reference")[1].split("\n## ")[0]
     documented = set(re.findall(r"^\| `([a-z_]+\.[a-z_.]+)` \|", section, flags=re.M))
+    # "| `critic.*` | as `learner.*` |": a section of the same schema as one documented key by key
+    hints = typing.get_type_hints(ChorusConfig)
+    for alias, like in re.findall(r"^\| `([a-z_]+)\.\*` \| as `([a-z_]+)\.\*` \|", section, flags=re.M):
+        assert hints[alias] is hints[like], f"README: {alias}.* is documented as {like}.*, but their schemas differ"
+        documented |= {f"{alias}.{k}" for k in _keys(hints[like]) if f"{like}.{k}" in documented}
     assert keys - documented == set(), "keys missing from the README's config reference"
     assert documented - keys == set(), "README documents keys the schema does not have"
 

@@ -1,0 +1,51 @@
+"""Every ready config in configs/ loads and validates, says how to launch it, and sets what its name promises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from actors.config import load_config
+from actors.scheduler import Scheduler
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # model.build paths are relative to the repository root
+
+
+def test_the_presets_are_all_there():
+    names = {p.stem for p in CONFIGS}
+    assert {"quickstart", "smoke", "sft", "grpo", "ppo", "sft_then_rl", "chord_mu", "chord_phi", "chord"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads_and_says_how_to_launch_it(path):
+    cfg = load_config(path)
+    header = path.read_text().splitlines()[:4]
+    assert all(line.startswith("#") for line in header[:2]), f"{path.name}: starts with a comment header"
+    assert any("Launch:" in line and ("chorus train" in line or "make" in line) for line in header), path.name
+    assert cfg.train.steps >= 1
+
+
+def _mu(path: Path, steps: list[int]) -> list[float]:
+    cfg = load_config(path)
+    sched = Scheduler(cfg.algo, cfg.rollout.n, 10, 10, 0)
+    return [sched.mu(s) for s in steps]
+
+
+def test_preset_semantics():
+    c = {p.stem: load_config(p) for p in CONFIGS}
+    assert _mu(ROOT / "configs/sft.yaml", [0, 250, 499]) == [1.0, 1.0, 1.0]
+    for name in ("grpo", "ppo"):
+        assert _mu(ROOT / f"configs/{name}.yaml", [0, 499]) == [0.0, 0.0] and c[name].algo.expert_ratio == 0
+    assert c["grpo"].algo.advantage == "grpo" and c["ppo"].algo.advantage == "gae"
+    assert _mu(ROOT / "configs/sft_then_rl.yaml", [0, 149, 150, 499]) == [1.0, 1.0, 0.0, 0.0]
+    mu = _mu(ROOT / "configs/chord_mu.yaml", [0, 150, 300, 499])
+    assert mu[0] == 1.0 and 0.2 < mu[1] < 1.0 and mu[2] == mu[3] == 0.2 and not c["chord_mu"].algo.phi
+    assert len(set(_mu(ROOT / "configs/chord_phi.yaml", [0, 250, 499]))) == 1 and c["chord_phi"].algo.phi
+    assert _mu(ROOT / "configs/chord.yaml", [0, 499]) == [1.0, 0.2] and c["chord"].algo.phi
