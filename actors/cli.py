@@ -16,6 +16,9 @@ from rollout.data import DataError
 
 
 def _train(args: argparse.Namespace) -> int:
+    # A reward named `my_rewards:fn` is the user's module in the directory they run from, as with `python -m`.
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
     cfg = load_config(args.config, args.overrides)  # every config error surfaces here, before anything starts
     run_dir = Path(args.run_dir or Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     from actors.driver import Trainer

@@ -242,6 +242,8 @@ class Trainer:
             self.log.write(record)
             bar.write(self._console_line(record))
         final = self._on_engines(self.evaluate)
+        for load in self.loads:  # async: every queued load ran before the final evaluation; none may have failed
+            load.result()
         self.log.write({"step": cfg.steps, "eval_accuracy": final, "final": True})
         self.learners.all(lambda a: a.save_pretrained.remote(str(self.run_dir / "final"), self.model_path))
         summary = {"steps": cfg.steps, "final_eval_accuracy": final, "last_periodic_eval_accuracy": accuracy,

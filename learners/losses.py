@@ -229,7 +229,10 @@ def value_loss(
     per_token = l1
     clipped = torch.zeros_like(l1)
     if clip_eps is not None:
-        v_clip = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+        delta = values - old_values
+        # inside the range keep ``values`` itself: old + (values - old) can differ from values by a rounding error,
+        # which would count a token as clipped by noise alone
+        v_clip = torch.where(delta.abs() > clip_eps, old_values + torch.clamp(delta, -clip_eps, clip_eps), values)
         l2 = (v_clip - returns) ** 2
         per_token = torch.maximum(l1, l2)
         clipped = (l2 > l1).to(l1.dtype)

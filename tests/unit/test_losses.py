@@ -732,3 +732,18 @@ def test_value_loss_ignores_non_finite_padding():
     v = torch.tensor([[0.5, 1e20]])
     loss, _ = value_loss(v, torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]))
     close(loss, 0.125, atol=ATOL_F32)
+
+
+def test_value_clip_fraction_is_not_moved_by_rounding():
+    # Inside the clip range the clipped value is the value itself, so l2 == l1 exactly: no token counts as clipped and
+    # the loss is the unclipped one. (old + (v - old) differs from v by a rounding error for many pairs, e.g.
+    # 0.7 + (0.3 - 0.7) = 0.29999999999999993.)
+    g = torch.Generator().manual_seed(0)
+    old = torch.rand(64, 8, generator=g, dtype=F64)
+    values = old + (torch.rand(64, 8, generator=g, dtype=F64) - 0.5) * 0.3  # |delta| <= 0.15 < eps = 0.2
+    returns = torch.rand(64, 8, generator=g, dtype=F64)
+    mask = torch.ones(64, 8, dtype=F64)
+    clipped, metrics = value_loss(values, old, returns, mask, clip_eps=0.2)
+    plain, _ = value_loss(values, old, returns, mask)
+    assert num(metrics["value_clip_frac"]) == 0.0
+    assert num(clipped) == num(plain)
