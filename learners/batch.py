@@ -110,3 +110,8 @@ def collate(batch: TrainBatch, pad_id: int, device: str | torch.device = "cpu") 
         mask=mask.to(device), is_expert=torch.tensor(batch.is_expert, dtype=torch.bool, device=device),
         **{k: v.to(device) for k, v in per_token.items()},
     )
+
+
+def response_rows(x: torch.Tensor, batch: TrainBatch) -> list[list[float]]:
+    """Each row's response positions of a collated [B, L-1] tensor (logprobs, values): [B][L_i - P_i]."""
+    return [x[i, p - 1 : len(ids) - 1].tolist() for i, (ids, p) in enumerate(zip(batch.input_ids, batch.prompt_lens))]

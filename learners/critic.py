@@ -7,7 +7,7 @@ same shifted positions as the policy's log-probabilities (learners/batch.py), so
 from __future__ import annotations
 
 from actors.config import LearnerConfig
-from learners.batch import TrainBatch, collate
+from learners.batch import TrainBatch, collate, response_rows
 from learners.learner import DeepSpeedRank
 
 
@@ -51,7 +51,7 @@ class CriticActor(DeepSpeedRank):
         self.engine.eval()
         with self.torch.no_grad():
             v = self._values(collate(batch, self.pad_id, self.device))
-        return [v[i, p - 1 : len(ids) - 1].tolist() for i, (ids, p) in enumerate(zip(batch.input_ids, batch.prompt_lens))]
+        return response_rows(v, batch)
 
     def train_step(self, micro_batches: list[TrainBatch], *, n_tokens: int) -> dict[str, float]:
         """One optimiser step on the clipped value loss (token mean over the mini-batch's ``n_tokens``)."""

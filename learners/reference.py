@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from learners.batch import TrainBatch, collate
+from learners.batch import TrainBatch, collate, response_rows
 
 
 def response_logprobs(model, batch: TrainBatch, pad_id: int, device) -> list[list[float]]:
@@ -23,7 +23,7 @@ def response_logprobs(model, batch: TrainBatch, pad_id: int, device) -> list[lis
         t = collate(batch, pad_id, device)
         logits = model(input_ids=t.input_ids, attention_mask=t.attention_mask).logits[:, :-1]  # [B, L-1, V]
         lp = token_logprobs(logits, t.targets)  # [B, L-1]
-    return [lp[i, p - 1 : len(ids) - 1].tolist() for i, (ids, p) in enumerate(zip(batch.input_ids, batch.prompt_lens))]
+    return response_rows(lp, batch)
 
 
 class ReferenceActor:
