@@ -28,7 +28,8 @@ def register(name: str) -> Callable[[RewardFn], RewardFn]:
 
 def resolve(name: str) -> RewardFn:
     """A registered name, or ``module:attr`` of the user's own module."""
-    import rewards.rules  # noqa: F401  (registers the built-ins)
+    import rewards.execution  # noqa: F401  (these register the built-ins)
+    import rewards.rules  # noqa: F401
 
     if ":" in name:
         module, _, attr = name.partition(":")
