@@ -299,8 +299,9 @@ class Trainer:
         if rollout_wait is not None:
             record["rollout_wait_seconds"] = rollout_wait
         if scored:
-            for name in scored[0].components:
-                record[f"reward/{name}"] = sum(s.components[name] for s in scored) / len(scored)
+            for name in dict.fromkeys(k for s in scored for k in s.components):  # a failed row lacks sub-components
+                values = [s.components[name] for s in scored if name in s.components]
+                record[f"reward/{name}"] = sum(values) / len(values)
             record["response_tokens_mean"] = record["tokens"] / len(rl_rows)
         self.metrics.observe_step(record)
         for group in (self.rollouts, self.rewards, self.references):

@@ -8,9 +8,10 @@ isolation of untrusted reward code is the sandbox's job, not this actor's.)
 from __future__ import annotations
 
 import logging
-import os
 import math
+import os
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -19,6 +20,10 @@ from rewards.registry import resolve
 from rollout.types import Scored
 
 log = logging.getLogger("chorus.rewards")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)  # bool counts: True is 1.0
 
 
 class RewardActor:
@@ -51,7 +56,12 @@ class RewardActor:
                             prompts[0] if prompts else "")
                 scores = [None] * len(responses)
             for i, s in enumerate(scores):
-                bad = s is None or not isinstance(s, (int, float)) or math.isnan(s) or math.isinf(s)
+                if isinstance(s, Mapping):  # named components beside the reward's own "score"
+                    parts, s = s, s.get("score")
+                    for part, value in parts.items():
+                        if part != "score" and _finite(value):
+                            results[i].components[f"{name}.{part}"] = float(value)
+                bad = not _finite(s)
                 if bad:
                     results[i].failed.append(name)
                     s = self.cfg.fallback

@@ -30,6 +30,7 @@ def resolve(name: str) -> RewardFn:
     """A registered name, or ``module:attr`` of the user's own module."""
     import rewards.execution  # noqa: F401  (these register the built-ins)
     import rewards.rules  # noqa: F401
+    import rewards.structured  # noqa: F401
 
     if ":" in name:
         module, _, attr = name.partition(":")

@@ -62,3 +62,17 @@ def test_a_failing_reward_gets_the_fallback_and_is_named(bad):
     assert [s.total for s in scored] == pytest.approx([0.0, -1.0], abs=1e-12)
     assert all(s.failed == [name] for s in scored)
     assert all(s.components[name] == -1.0 for s in scored)
+
+
+def test_named_components_are_kept_beside_the_score():
+    actor = RewardActor(RewardConfig(functions=[RewardFnConfig(name="json_schema")]))
+    schema = {"type": "object", "required": ["name", "age"],
+              "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
+    rows = [{"prompt": "p", "schema": schema, "answer": {"name": "Ann", "age": 30}}] * 2
+    scored, _ = actor.score(["p", "p"], ['{"name": "ann", "age": "30"}', "no json"], rows)
+    # response 0: parses 1, schema 0 (age is a string), keys 2/2, content 1/2 (the string "30" is not 30)
+    assert scored[0].components == pytest.approx({"json_schema.parses": 1.0, "json_schema.schema": 0.0,
+                                                  "json_schema.keys": 1.0, "json_schema.content": 0.5,
+                                                  "json_schema": 0.1 * 1 + 0.3 * 0 + 0.2 * 1 + 0.4 * 0.5})
+    assert scored[0].total == pytest.approx(0.1 + 0.2 + 0.2)
+    assert scored[1].total == 0.0 and scored[1].failed == []
