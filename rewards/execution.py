@@ -203,3 +203,62 @@ def sql_exec(prompts: list[str], responses: list[str], schema: list[str], answer
         return float(_same_result(verdict["rows"], verdict["reference"], verdict["ordered"]))
 
     return _pool_map(one, list(zip(responses, schema, answer)), workers)
+
+
+# The math checker, run inside the sandbox because it hands model text to SymPy's parser (which evaluates what it
+# parses). One verdict line per item as soon as it is known, so that an answer that hangs the checker costs only
+# itself: the host scores it 0 and checks the rest in a fresh sandbox.
+_MATH_HARNESS = r'''
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+nonce = sys.stdin.readline().strip()
+per_item_s = int(sys.argv[1])
+import logging
+logging.disable(logging.WARNING)
+from math_verify import parse, verify
+for i, (gold, response) in enumerate(json.load(open("items.json"))):
+    try:
+        target = parse(gold if "$" in gold or "\\boxed" in gold else f"${gold}$", parsing_timeout=per_item_s)
+        ok = bool(target) and verify(target, parse(response, parsing_timeout=per_item_s), timeout_seconds=per_item_s)
+    except BaseException:
+        ok = False
+    print(json.dumps({"nonce": nonce, "i": i, "ok": bool(ok)}), flush=True)
+'''
+
+MAX_MATH_CHARS = 10_000  # the end of a longer response is checked: that is where the final answer is
+
+
+@register("math")
+def math_answer(prompts: list[str], responses: list[str], answer: list[str], *, per_item_s: int = 5,
+                timeout_s: float = 60.0, memory_mb: int = 2048, **_) -> list[float | None]:
+    """1.0 where the response's final answer (its last ``\\boxed{}``, else its last number or expression) is
+    mathematically equal to the row's ``answer`` (LaTeX or plain: ``\\frac{1}{2}`` matches ``0.5``, ``(x+1)^2``
+    matches ``x^2+2x+1``), by Hugging Face's math-verify; else 0.0. It runs in the sandbox, each item under
+    ``per_item_s``; an answer that hangs the checker scores 0.0 and costs no other item its score.
+    """
+    scores: list[float | None] = [None] * len(responses)
+    todo = list(range(len(responses)))
+    limits = Limits(timeout_s=timeout_s, cpu_s=int(timeout_s), memory_mb=memory_mb)
+    while todo:
+        nonce = os.urandom(16).hex()
+        items = [[str(answer[i]), responses[i][-MAX_MATH_CHARS:]] for i in todo]
+        result = run([sys.executable, "-I", "harness.py", str(per_item_s)], stdin=f"{nonce}\n".encode(),
+                     files={"harness.py": _MATH_HARNESS, "items.json": json.dumps(items)}, limits=limits)
+        if result.error:
+            break  # the sandbox cannot run: the rest stay None (counted failures)
+        done = 0
+        for line in result.stdout.decode(errors="replace").splitlines():
+            try:
+                verdict = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(verdict, dict) and verdict.get("nonce") == nonce and verdict.get("i") == done:
+                scores[todo[done]] = float(verdict["ok"] is True)
+                done += 1
+        if done < len(todo):
+            if done == 0 and not (result.timed_out or result.returncode not in (0, None)):
+                break  # the checker itself fails to start: leave the rest to the fallback
+            scores[todo[done]] = 0.0  # this answer hung or crashed the checker
+            done += 1
+        todo = todo[done:]
+    return scores
