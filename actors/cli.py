@@ -1,6 +1,7 @@
 """The ``chorus`` command line.
 
     chorus train CONFIG.yaml [--run-dir DIR] [key=value ...]
+    chorus reward score NAME_OR_MODULE:FUNCTION FILE.jsonl [--args JSON]
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from actors.config import ConfigError, load_config
 from rollout.data import DataError
 
 
-def _train(args: argparse.Namespace) -> int:
-    # A reward named `my_rewards:fn` is the user's module in the directory they run from, as with `python -m`.
+def _user_modules_importable() -> None:
+    """A reward named `my_rewards:fn` is the user's module in the directory they run from, as with `python -m`."""
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
+
+
+def _train(args: argparse.Namespace) -> int:
+    _user_modules_importable()
     cfg = load_config(args.config, args.overrides)  # every config error surfaces here, before anything starts
     run_dir = Path(args.run_dir or Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     from actors.driver import Trainer
@@ -34,6 +39,44 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reward_score(args: argparse.Namespace) -> int:
+    """Score a JSONL file of responses with one reward, locally: no cluster, no model."""
+    import json
+    import os
+
+    from actors.config import RewardConfig, RewardFnConfig
+    from rewards.actor import RewardActor
+    from rollout.data import load_rows
+
+    _user_modules_importable()
+    try:
+        fn_args = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--args: not a JSON object ({exc.msg})") from None
+    if not isinstance(fn_args, dict):
+        raise ConfigError("--args: not a JSON object")
+    cfg = RewardConfig(functions=[RewardFnConfig(name=args.reward, args=fn_args)], timeout_s=args.timeout)
+    try:
+        actor = RewardActor(cfg)
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0])) from None
+    rows = load_rows(args.file, "responses")
+    for start in range(0, len(rows), args.batch):
+        chunk = rows[start:start + args.batch]
+        scored, _ = actor.score([r["prompt"] for r in chunk], [r["response"] for r in chunk],
+                                [{k: v for k, v in r.items() if k != "response"} for r in chunk])
+        for s in scored:
+            out = {"score": s.total, "components": s.components}
+            if s.failed:
+                out["failed"] = s.failed
+            print(json.dumps(out), flush=True)
+    if actor.hung_calls:  # their threads would keep the interpreter from exiting
+        sys.stdout.flush()
+        os._exit(0)
+    actor.pool.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chorus", description="Mixed SFT + RL post-training on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,8 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
     train.add_argument("--run-dir", default="", help="where the config, metrics.jsonl and final/ go")
     train.set_defaults(func=_train)
+    reward = sub.add_parser("reward", help="work on reward functions without a cluster")
+    reward_sub = reward.add_subparsers(dest="reward_command", required=True)
+    score = reward_sub.add_parser("score", help="score a JSONL file of responses; one JSON line per row on stdout")
+    score.add_argument("reward", help="a registered name (exact_match, json_schema, ...) or module:function")
+    score.add_argument("file", help="JSONL (or Parquet) rows with `prompt`, `response` and the fields the reward "
+                                    "needs (answer, schema, tests, ...)")
+    score.add_argument("--args", default="{}", help='keyword arguments of the reward as a JSON object, e.g. '
+                                                    '\'{"lowercase": true}\'')
+    score.add_argument("--timeout", type=float, default=60.0, help="seconds per batch before the reward fails")
+    score.add_argument("--batch", type=int, default=64, help="rows per reward call")
+    score.set_defaults(func=_reward_score)
     args, extra = parser.parse_known_args(argv)  # key=value overrides may come after --run-dir too
-    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
+    unknown = [a for a in extra if "=" not in a or a.startswith("-") or args.command != "train"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:

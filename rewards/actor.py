@@ -30,6 +30,7 @@ class RewardActor:
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
         self.functions = [(f.name, f.weight, resolve(f.name), dict(f.args)) for f in cfg.functions]
+        self.hung_calls = 0  # calls abandoned at the timeout; each still holds a thread of the pool
         self.pool = ThreadPoolExecutor(max_workers=max(4, len(self.functions)), thread_name_prefix="reward")
 
     def score(self, prompts: list[str], responses: list[str], rows: list[dict]) -> tuple[list[Scored], float]:
@@ -48,6 +49,7 @@ class RewardActor:
                 if len(scores) != len(responses):
                     raise ValueError(f"returned {len(scores)} scores for {len(responses)} responses")
             except FutureTimeout:
+                self.hung_calls += 1
                 log.warning("reward '%s' timed out after %.1fs on %d rows (first prompt %r)",
                             name, self.cfg.timeout_s, len(prompts), prompts[0] if prompts else "")
                 scores = [None] * len(responses)

@@ -13,7 +13,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-REQUIRED = {"prompts": ("prompt", "answer"), "eval": ("prompt", "answer"), "expert": ("prompt", "response")}
+REQUIRED = {"prompts": ("prompt", "answer"), "eval": ("prompt", "answer"), "expert": ("prompt", "response"),
+            "responses": ("prompt", "response")}  # the input of `chorus reward score`
 
 
 class DataError(ValueError):
@@ -21,7 +22,8 @@ class DataError(ValueError):
 
 
 def load_rows(path: str | Path, kind: str) -> list[dict]:
-    """Read a JSONL or Parquet file of ``kind`` (prompts | expert | eval) and check the required fields."""
+    """Read a JSONL or Parquet file of ``kind`` (prompts | expert | eval | responses) and check the required
+    fields."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {kind} data file not found")
