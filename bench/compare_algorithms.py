@@ -2,6 +2,7 @@
 
     .venv/bin/pip install -e ".[bench]"          # matplotlib, for the plot
     .venv/bin/python bench/compare_algorithms.py [--budget 32000] [--seeds 0 1 2] [--presets sft grpo ...]
+    .venv/bin/python bench/compare_algorithms.py --resume runs/compare/STAMP/results.json   # after an interruption
 
 Every run trains on the same number of rows (on-policy samples + expert rows): a preset with 128 rows per step gets
 half the steps of one with 64. Schedules scale with the run: SFT-then-RL switches at 30% of its steps, the CHORD
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -71,11 +73,12 @@ def run_one(cfg, run_dir: Path) -> dict:
 
     trainer = Trainer(cfg, run_dir)
     try:
+        start = trainer.evaluate()  # the untrained model, so every curve starts at 0 rows
         summary = trainer.run()
     finally:
         trainer.close()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    samples, wall, curve = 0, 0.0, []
+    samples, wall, curve = 0, 0.0, [(0, start, 0.0)]
     for r in records:
         if r.get("final"):
             curve.append((samples, r["eval_accuracy"], wall))
@@ -155,29 +158,49 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs/compare")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "algorithms.md"))
     parser.add_argument("--machine", default="2-core CPU, 24 GiB, no GPU")
+    parser.add_argument("--from-results", metavar="RESULTS_JSON",
+                        help="rewrite the report and plot from a finished comparison's results.json, running nothing")
+    parser.add_argument("--resume", metavar="RESULTS_JSON",
+                        help="go on with an interrupted comparison: keep its runs, do the missing ones")
     args = parser.parse_args()
     try:
         import matplotlib  # noqa: F401  (fail now, not after an hour of runs)
     except ImportError:
         raise SystemExit('matplotlib is missing: .venv/bin/pip install -e ".[bench]"') from None
+    out = Path(args.out)
+    if args.from_results:
+        saved = json.loads(Path(args.from_results).read_text())
+        args.budget, args.seeds = saved["budget"], saved["seeds"]
+        write_report(saved["tasks"], args, out, args.machine)
+        plot(saved["tasks"], out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+        return
     import ray
 
     ray.init(include_dashboard=False, log_to_driver=False)  # one cluster for every run
     results: dict = {}
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.resume:
+        saved = json.loads(Path(args.resume).read_text())
+        if (saved["budget"], saved["seeds"]) != (args.budget, args.seeds):
+            raise SystemExit(f"{args.resume} was run with --budget {saved['budget']} --seeds {saved['seeds']}")
+        results, stamp = saved["tasks"], Path(args.resume).parent.name
+        args.runs_dir = str(Path(args.resume).parent.parent)
     try:
         for task in args.tasks:
             for preset in args.presets:
-                for seed in args.seeds:
+                for seed in args.seeds[len(results.get(task, {}).get(preset, [])):]:  # runs go in seed order
                     cfg = plan_run(preset, task, seed, args.budget, args.evals)
-                    run = run_one(cfg, Path(args.runs_dir) / stamp / f"{task}-{preset}-s{seed}")
+                    run_dir = Path(args.runs_dir) / stamp / f"{task}-{preset}-s{seed}"
+                    shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted run left
+                    run = run_one(cfg, run_dir)
                     results.setdefault(task, {}).setdefault(preset, []).append(run)
                     print(f"{task:10s} {preset:12s} seed {seed}: final {run['final']:.3f}, "
                           f"reached {TARGET} at {run['reach_samples']} rows, {run['wall']:.0f}s", flush=True)
-                    Path(args.runs_dir, stamp, "results.json").write_text(json.dumps(results, indent=1))
+                    saved = {"budget": args.budget, "seeds": args.seeds, "tasks": results}
+                    Path(args.runs_dir, stamp, "results.json").write_text(json.dumps(saved, indent=1))
     finally:
         ray.shutdown()
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_report(results, args, out, args.machine)
     plot(results, out.with_suffix(".png"))
