@@ -40,16 +40,23 @@ def _pool_map(fn, items: list, workers: int) -> list:
         return list(pool.map(fn, items))
 
 
-def _last_json(stdout: bytes, nonce: str) -> dict | None:
-    """The harness's verdict: the last stdout line that carries this run's nonce."""
-    for line in reversed(stdout.decode(errors="replace").splitlines()):
+def _run_harness(harness: str, arg, files: dict[str, str], limits: Limits):
+    """Run ``harness`` (one of the scripts below) in the sandbox with ``arg`` and ``files`` beside it. It reads a
+    fresh nonce from stdin before any model-written text is touched; returns the sandbox result and the harness's
+    verdicts: the JSON objects on stdout that carry that nonce, in order."""
+    nonce = os.urandom(16).hex()
+    result = run([sys.executable, "-I", "harness.py", str(arg)], stdin=f"{nonce}\n".encode(), limits=limits,
+                 files={"harness.py": harness, **files})
+    verdicts = []
+    for line in result.stdout.decode(errors="replace").splitlines():
         if nonce in line:
             try:
                 verdict = json.loads(line)
             except json.JSONDecodeError:
-                return None
-            return verdict if isinstance(verdict, dict) and verdict.get("nonce") == nonce else None
-    return None
+                continue
+            if isinstance(verdict, dict) and verdict.get("nonce") == nonce:
+                verdicts.append(verdict)
+    return result, verdicts
 
 
 # The test harness, run inside the sandbox: read the nonce before the model's code runs, run the solution once,
@@ -119,14 +126,11 @@ def code_exec(prompts: list[str], responses: list[str], tests: list, *, timeout_
             passed = [r.ok and _normalise_output(r.stdout.decode(errors="replace"))
                       == _normalise_output(str(t["output"])) for r, t in zip(results, row_tests)]
         else:
-            nonce = os.urandom(16).hex()
-            result = run([sys.executable, "-I", "harness.py", str(per_test_s)], stdin=f"{nonce}\n".encode(),
-                         files={"harness.py": _PY_HARNESS, "solution.py": code, "tests.json": json.dumps(row_tests)},
-                         limits=limits)
+            result, verdicts = _run_harness(_PY_HARNESS, per_test_s, limits=limits,
+                                            files={"solution.py": code, "tests.json": json.dumps(row_tests)})
             if result.error:
                 return None
-            verdict = _last_json(result.stdout, nonce)
-            passed = verdict["passed"] if verdict and len(verdict["passed"]) == len(row_tests) else []
+            passed = verdicts[-1]["passed"] if verdicts and len(verdicts[-1]["passed"]) == len(row_tests) else []
         share = sum(passed) / len(row_tests)
         return share if partial else float(share == 1.0)
 
@@ -186,15 +190,13 @@ def sql_exec(prompts: list[str], responses: list[str], schema: list[str], answer
 
     def one(item) -> float | None:
         response, row_schema, reference = item
-        nonce = os.urandom(16).hex()
-        result = run([sys.executable, "-I", "harness.py", str(query_s)], stdin=f"{nonce}\n".encode(), limits=limits,
-                     files={"harness.py": _SQL_HARNESS, "schema.sql": row_schema, "reference.sql": reference,
-                            "query.sql": extract_code(response, "sql")})
+        result, verdicts = _run_harness(_SQL_HARNESS, query_s, limits=limits, files={
+            "schema.sql": row_schema, "reference.sql": reference, "query.sql": extract_code(response, "sql")})
         if result.error:
             return None
-        verdict = _last_json(result.stdout, nonce)
-        if verdict is None:  # the model's query took the harness down (or past the wall clock)
+        if not verdicts:  # the model's query took the harness down (or past the wall clock)
             return 0.0
+        verdict = verdicts[-1]
         if "row_error" in verdict:  # the row's own schema or reference query fails: not the model's fault
             log.warning("sql_exec: the row's schema or reference query fails: %s", verdict["row_error"])
             return None
@@ -240,19 +242,13 @@ def math_answer(prompts: list[str], responses: list[str], answer: list[str], *, 
     todo = list(range(len(responses)))
     limits = Limits(timeout_s=timeout_s, cpu_s=int(timeout_s), memory_mb=memory_mb)
     while todo:
-        nonce = os.urandom(16).hex()
         items = [[str(answer[i]), responses[i][-MAX_MATH_CHARS:]] for i in todo]
-        result = run([sys.executable, "-I", "harness.py", str(per_item_s)], stdin=f"{nonce}\n".encode(),
-                     files={"harness.py": _MATH_HARNESS, "items.json": json.dumps(items)}, limits=limits)
+        result, verdicts = _run_harness(_MATH_HARNESS, per_item_s, {"items.json": json.dumps(items)}, limits)
         if result.error:
             break  # the sandbox cannot run: the rest stay None (counted failures)
         done = 0
-        for line in result.stdout.decode(errors="replace").splitlines():
-            try:
-                verdict = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(verdict, dict) and verdict.get("nonce") == nonce and verdict.get("i") == done:
+        for verdict in verdicts:
+            if verdict.get("i") == done:
                 scores[todo[done]] = float(verdict["ok"] is True)
                 done += 1
         if done < len(todo):
