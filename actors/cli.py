@@ -60,6 +60,8 @@ def _reward_score(args: argparse.Namespace) -> int:
         actor = RewardActor(cfg)
     except KeyError as exc:
         raise ConfigError(str(exc.args[0])) from None
+    except (TypeError, FileNotFoundError) as exc:  # a class's arguments, an encoder folder
+        raise ConfigError(f"--args: {exc}") from None
     rows = load_rows(args.file, "responses")
     for start in range(0, len(rows), args.batch):
         chunk = rows[start:start + args.batch]

@@ -33,7 +33,7 @@ from actors.metrics import STEP_PHASES, JsonlLog, Metrics
 from actors.scheduler import Scheduler, StepPlan
 from learners.advantages import final_token_rewards, gae, grpo_advantages, whiten
 from learners.batch import TrainBatch, even_split, split_for_ranks
-from rewards.registry import resolve
+from rewards.registry import check_args, resolve
 from rollout.data import load_rows, make_synthetic, write_jsonl
 from rollout.engine import weights_file
 from rollout.tiny import ensure_model
@@ -74,9 +74,11 @@ class Trainer:
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         for i, f in enumerate(cfg.reward.functions):  # fail before anything starts
             try:
-                resolve(f.name)
+                check_args(f.name, dict(f.args))
             except KeyError as exc:
                 raise ConfigError(f"config key 'reward.functions[{i}].name': {exc.args[0]}") from None
+            except TypeError as exc:
+                raise ConfigError(f"config key 'reward.functions[{i}].args': {exc}") from None
         try:
             self.model_path = ensure_model(cfg.model.path, cfg.model.build)
         except FileNotFoundError as exc:

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from actors.config import RewardConfig
-from rewards.registry import resolve
+from rewards.registry import load
 from rollout.types import Scored
 
 log = logging.getLogger("chorus.rewards")
@@ -29,7 +29,7 @@ def _finite(value) -> bool:
 class RewardActor:
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
-        self.functions = [(f.name, f.weight, resolve(f.name), dict(f.args)) for f in cfg.functions]
+        self.functions = [(f.name, f.weight, load(f.name, dict(f.args))) for f in cfg.functions]  # built once
         self.hung_calls = 0  # calls abandoned at the timeout; each still holds a thread of the pool
         self.pool = ThreadPoolExecutor(max_workers=max(4, len(self.functions)), thread_name_prefix="reward")
 
@@ -40,8 +40,8 @@ class RewardActor:
         fields = {key: [row.get(key) for row in rows] for key in rows[0]} if rows else {}
         fields.pop("prompt", None)
         results = [Scored(total=0.0) for _ in responses]
-        futures = [(name, weight, self.pool.submit(fn, prompts, responses, **fields, **args))
-                   for name, weight, fn, args in self.functions]
+        futures = [(name, weight, self.pool.submit(fn, prompts, responses, **fields))
+                   for name, weight, fn in self.functions]
         deadline = start + self.cfg.timeout_s
         for name, weight, future in futures:
             try:

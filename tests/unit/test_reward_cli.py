@@ -4,6 +4,7 @@ researcher's own directory."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,21 @@ def test_bad_input_names_the_line_or_the_reward(tmp_path):
     assert proc.returncode == 2 and "no_such_reward" in proc.stderr and "known:" in proc.stderr
     proc = chorus(tmp_path, "exact_match", "rows.jsonl", "--args", "[1]")
     assert proc.returncode == 2 and "--args" in proc.stderr
+
+
+def test_the_reward_template_runs_as_the_readme_says(tmp_path):
+    """examples/reward_template.py, copied into a researcher's folder: each of its three shapes scores by hand."""
+    shutil.copy(Path(__file__).resolve().parents[2] / "examples" / "reward_template.py", tmp_path)
+    write_rows(tmp_path / "rows.jsonl", [
+        {"prompt": "capital?", "response": "Answer: Paris", "answer": "paris"},
+        {"prompt": "capital?", "response": "paris", "answer": "Paris"},
+    ])
+    proc = chorus(tmp_path, "reward_template:keyword_hits", "rows.jsonl", "--args", '{"keywords": ["paris", "france"]}')
+    out = [json.loads(line) for line in proc.stdout.splitlines()]
+    # one keyword of two, short: 0.8 * 0.5 + 0.2 * 1 = 0.6, for both rows
+    assert [o["score"] for o in out] == pytest.approx([0.6, 0.6])
+    assert out[0]["components"]["reward_template:keyword_hits.hits"] == pytest.approx(0.5)
+    proc = chorus(tmp_path, "reward_template:right_answer", "rows.jsonl")
+    assert [json.loads(line)["score"] for line in proc.stdout.splitlines()] == [0.0, 1.0]
+    proc = chorus(tmp_path, "reward_template:StartsWith", "rows.jsonl", "--args", '{"prefix": "Answer:"}')
+    assert [json.loads(line)["score"] for line in proc.stdout.splitlines()] == [1.0, 0.0]

