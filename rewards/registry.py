@@ -92,11 +92,9 @@ def load(name: str, args: dict | None = None) -> RewardFn:
     if is_async:
         def call(prompts, responses, **fields):
             return asyncio.run(fn(prompts, responses, **fields, **args))
-    elif args:
-        call = functools.partial(fn, **args)
-    else:
-        call = fn
-    return call
+
+        return call
+    return functools.partial(fn, **args) if args else fn
 
 
 def check_args(name: str, args: dict) -> None:
@@ -108,16 +106,14 @@ def check_args(name: str, args: dict) -> None:
         sig = inspect.signature(target)
     except (TypeError, ValueError):  # a builtin or C callable: nothing to check
         return
-    if not inspect.isclass(target) and not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        unknown = set(args) - set(sig.parameters)
-        if unknown:
-            raise TypeError(f"reward '{name}' takes no argument {sorted(unknown)}")
-        return
     if inspect.isclass(target):
         try:
             sig.bind(**args)
         except TypeError as exc:
             raise TypeError(f"reward '{name}': {exc}") from None
+    elif not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        if unknown := set(args) - set(sig.parameters):
+            raise TypeError(f"reward '{name}' takes no argument {sorted(unknown)}")
 
 
 def resolve(name: str) -> RewardFn:
