@@ -57,7 +57,7 @@ class Similarity:
             raise KeyError(f"similarity: the rows have no '{self.field}' field (args.field names the reference)")
         refs = fields[self.field]
         ok = [isinstance(r, str) for r in refs]
-        texts = sorted({t for i, r in enumerate(refs) if ok[i] for t in (responses[i], r)})
-        index = {t: j for j, t in enumerate(texts)}
-        emb = self.embed(texts)
+        index = {t: j for j, t in enumerate(dict.fromkeys(t for i, r in enumerate(refs) if ok[i]
+                                                          for t in (responses[i], r)))}
+        emb = self.embed(list(index))
         return [float(emb[index[responses[i]]] @ emb[index[r]]) if ok[i] else None for i, r in enumerate(refs)]

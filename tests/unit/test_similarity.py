@@ -66,14 +66,9 @@ def test_missing_reference_is_a_counted_failure_not_a_crash():
     assert scored[1].total == 0.0 and scored[1].failed == ["similarity"]
 
 
-def test_wrong_field_or_model_path_says_what_to_fix(sim, tmp_path):
+def test_wrong_field_or_model_path_says_what_to_fix(sim, tmp_path, monkeypatch):
+    monkeypatch.setattr(sim, "field", "reference")
     with pytest.raises(KeyError, match="no 'reference' field"):
-        Similarity.__call__(_with_field(sim, "reference"), ["p"], ["r"], answer=["a"])
+        sim(["p"], ["r"], answer=["a"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Similarity(model=str(tmp_path / "nope"))
-
-
-def _with_field(sim: Similarity, field: str) -> Similarity:
-    clone = object.__new__(Similarity)
-    clone.__dict__.update(sim.__dict__, field=field)
-    return clone
