@@ -46,6 +46,8 @@ def _reward_score(args: argparse.Namespace) -> int:
 
     from actors.config import RewardConfig, RewardFnConfig
     from rewards.actor import RewardActor
+    from rewards.isolation import RewardCallError
+    from rewards.registry import check_args
     from rollout.data import load_rows
 
     _user_modules_importable()
@@ -55,16 +57,30 @@ def _reward_score(args: argparse.Namespace) -> int:
         raise ConfigError(f"--args: not a JSON object ({exc.msg})") from None
     if not isinstance(fn_args, dict):
         raise ConfigError("--args: not a JSON object")
+    rows = load_rows(args.file, "responses")  # a bad file fails before any model loads
     cfg = RewardConfig(functions=[RewardFnConfig(name=args.reward, args=fn_args)], timeout_s=args.timeout)
     try:
+        check_args(args.reward, fn_args)
         actor = RewardActor(cfg)
     except KeyError as exc:
         raise ConfigError(str(exc.args[0])) from None
-    except (TypeError, FileNotFoundError) as exc:  # a class's arguments, an encoder folder
+    except (TypeError, FileNotFoundError, RewardCallError) as exc:  # its arguments, an encoder folder, its load
         raise ConfigError(f"--args: {exc}") from None
-    rows = load_rows(args.file, "responses")
-    for start in range(0, len(rows), args.batch):
-        chunk = rows[start:start + args.batch]
+    try:
+        _score_rows(actor, rows, args.batch)
+    finally:
+        actor.shutdown()
+    if actor.hung_calls:  # a reward run in a thread that hung keeps the interpreter from exiting
+        sys.stdout.flush()
+        os._exit(0)
+    return 0
+
+
+def _score_rows(actor, rows: list[dict], batch: int) -> None:
+    import json
+
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
         scored, _ = actor.score([r["prompt"] for r in chunk], [r["response"] for r in chunk],
                                 [{k: v for k, v in r.items() if k != "response"} for r in chunk])
         for s in scored:
@@ -72,11 +88,6 @@ def _reward_score(args: argparse.Namespace) -> int:
             if s.failed:
                 out["failed"] = s.failed
             print(json.dumps(out), flush=True)
-    if actor.hung_calls:  # their threads would keep the interpreter from exiting
-        sys.stdout.flush()
-        os._exit(0)
-    actor.pool.shutdown()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

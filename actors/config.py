@@ -79,6 +79,7 @@ class RewardFnConfig:
     name: str = MISSING  # registered reward name (rewards/registry.py)
     weight: float = 1.0
     args: dict = field(default_factory=dict)  # keyword arguments of the reward function
+    isolation: str = ""  # process (its own, killed when it hangs) | thread; "" = the reward's own default
 
 
 @dataclass
@@ -297,6 +298,10 @@ def validate(cfg: ChorusConfig) -> None:
             raise ConfigError(f"config key '{key}': must be {what}, got {value!r}")
     if not cfg.reward.functions:
         raise ConfigError("config key 'reward.functions': at least one reward function is needed")
+    for i, f in enumerate(cfg.reward.functions):
+        if f.isolation not in ("", "process", "thread"):
+            raise ConfigError(f"config key 'reward.functions[{i}].isolation': {f.isolation!r} is not one of "
+                              f"['process', 'thread'] (or empty: the reward's default)")
     if not cfg.model.path and not cfg.model.build:
         raise ConfigError("config key 'model.path': set a Hugging Face model directory (or model.build)")
     if cfg.model.build and not Path(cfg.model.build).is_file():

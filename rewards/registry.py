@@ -12,6 +12,10 @@ Three other shapes are accepted:
 - a function of one sample, ``(prompt, response, **row) -> float | None``, wrapped with :func:`per_sample`.
 
 Reference it in the config by its registered name or as ``package.module:attr``.
+
+The reward actor runs each reward in a process of its own, killed if it hangs. A reward that must run in the
+actor's own process (it calls other Ray actors, as the LLM judge does) says so with a class or function
+attribute ``isolation = "thread"``; the config's ``isolation`` key overrides either.
 """
 
 from __future__ import annotations
@@ -114,6 +118,17 @@ def check_args(name: str, args: dict) -> None:
     elif not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         if unknown := set(args) - set(sig.parameters):
             raise TypeError(f"reward '{name}' takes no argument {sorted(unknown)}")
+
+
+ISOLATION = ("process", "thread")
+
+
+def isolation(name: str) -> str:
+    """Where reward ``name`` runs by default: ``"process"`` (its own, killed when it hangs) or ``"thread"``."""
+    mode = getattr(resolve(name), "isolation", "process")
+    if mode not in ISOLATION:
+        raise ValueError(f"reward '{name}': isolation = {mode!r} is not one of {list(ISOLATION)}")
+    return mode
 
 
 def resolve(name: str) -> RewardFn:

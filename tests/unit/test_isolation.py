@@ -1,0 +1,190 @@
+"""A reward in a process of its own: killed with everything it started when it hangs, replaced when it dies, and
+killed by the kernel when the reward actor dies; data crosses the boundary as msgpack."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from actors.config import RewardConfig, RewardFnConfig
+from rewards.actor import RewardActor
+from rewards.isolation import ProcessReward, RewardCallError
+
+pytestmark = pytest.mark.timeout(120)
+
+HERE = __name__  # what the reward processes import
+
+
+def moody(prompts, responses, mode, **_):
+    """Does what the batch's first row asks; otherwise scores len(response), and says in which process."""
+    if mode[0] == "spin":
+        while True:
+            pass
+    if mode[0] == "fork_and_hang":  # a child of its own that would outlive a plain kill of the reward process
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        print(f"grandchild {child.pid}", file=sys.stderr, flush=True)
+        with open(os.environ["CHORUS_TEST_PIDFILE"], "w") as f:
+            f.write(str(child.pid))
+        time.sleep(600)
+    if mode[0] == "exit":
+        os._exit(3)
+    if mode[0] == "raise":
+        raise ValueError("no such thing")
+    if mode[0] == "object":
+        return [object()] * len(responses)
+    if mode[0] == "numpy":
+        import numpy as np
+
+        return list(np.arange(len(responses), dtype=np.float32) + 0.5)
+    return [{"score": float(len(r)), "pid": os.getpid()} for r in responses]
+
+
+class NeedsArg:
+    def __init__(self, path: str):
+        raise FileNotFoundError(f"no model at {path}")
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie is dead: this container's init does not reap what is reparented to it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_dead(pid: int, within_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not alive(pid)
+
+
+@pytest.fixture
+def reward():
+    r = ProcessReward(f"{HERE}:moody")
+    r.await_ready()
+    yield r
+    r.close()
+
+
+def call(r: ProcessReward, mode: str, responses=("ab", "abc"), timeout: float = 5.0):
+    r.submit(["p"] * len(responses), list(responses), mode=[mode] * len(responses))
+    return r.result(timeout)
+
+
+def test_scores_and_components_come_back_from_the_process(reward):
+    out = call(reward, "ok")
+    assert [o["score"] for o in out] == [2.0, 3.0]
+    assert out[0]["pid"] == reward.proc.pid != os.getpid()
+
+
+def test_a_spinning_reward_is_killed_at_its_deadline_and_replaced(reward):
+    first = reward.proc.pid
+    for _ in range(5):  # a thread per hung call would have exhausted a pool of 4 by now
+        start = time.monotonic()
+        with pytest.raises(RewardCallError, match="still scoring after its deadline"):
+            call(reward, "spin", timeout=0.3)
+        assert time.monotonic() - start < 5.0  # the deadline, plus loading the replacement (on a busy CPU)
+    assert reward.kills == 5
+    assert wait_dead(first)
+    out = call(reward, "ok")  # the replacement loaded the function again
+    assert [o["score"] for o in out] == [2.0, 3.0] and out[0]["pid"] != first
+
+
+def test_what_a_hung_reward_started_is_killed_with_it(reward, tmp_path, monkeypatch):
+    pidfile = tmp_path / "grandchild"
+    monkeypatch.setenv("CHORUS_TEST_PIDFILE", str(pidfile))
+    reward.close()  # a new process, to see the variable
+    reward.__init__(f"{HERE}:moody")
+    with pytest.raises(RewardCallError, match="deadline"):
+        call(reward, "fork_and_hang", timeout=3.0)
+    grandchild = int(pidfile.read_text())
+    assert wait_dead(grandchild), "the reward's own child outlived the kill"
+
+
+def test_a_reward_that_exits_fails_its_call_and_is_replaced(reward):
+    with pytest.raises(RewardCallError, match=r"died \(exit code 3\) while scoring"):
+        call(reward, "exit")
+    assert reward.deaths == 1
+    assert [o["score"] for o in call(reward, "ok")] == [2.0, 3.0]
+
+
+def test_an_exception_names_its_type_and_line_and_the_process_lives_on(reward):
+    pid = reward.proc.pid
+    with pytest.raises(RewardCallError, match=r"raised ValueError: no such thing \(at test_isolation.py:\d+\)"):
+        call(reward, "raise")
+    assert call(reward, "ok")[0]["pid"] == pid
+
+
+def test_numpy_scores_are_sent_as_floats_and_an_object_is_an_error(reward):
+    assert call(reward, "numpy") == [0.5, 1.5]
+    with pytest.raises(RewardCallError, match="cannot be sent back"):
+        call(reward, "object")
+
+
+def test_a_large_batch_crosses_the_pipe():
+    r = ProcessReward(f"{HERE}:moody")
+    try:
+        responses = ["x" * 500_000] * 64  # 32 MB each way
+        assert [o["score"] for o in r(["p"] * 64, responses, mode=["ok"] * 64)] == [500_000.0] * 64
+    finally:
+        r.close()
+
+
+def test_a_reward_that_cannot_load_fails_the_actor_start_naming_it():
+    cfg = RewardConfig(functions=[RewardFnConfig(name=f"{HERE}:NeedsArg", args={"path": "/nowhere"})])
+    with pytest.raises(RewardCallError, match=rf"reward '{HERE}:NeedsArg' cannot be loaded: it raised "
+                                              r"FileNotFoundError: no model at /nowhere"):
+        RewardActor(cfg)
+
+
+def test_the_reward_process_dies_with_the_reward_actor(tmp_path):
+    """SIGKILL the process that owns the reward (as Ray kills an actor): the kernel kills the reward process, even
+    one spinning in a hung call."""
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path[:0] = {sys.path!r}
+        from rewards.isolation import ProcessReward
+        r = ProcessReward("{HERE}:moody")
+        r.await_ready()
+        r.submit(["p"], ["a"], mode=["spin"])
+        print(r.proc.pid, flush=True)
+        time.sleep(600)
+    """))
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(owner.stdout.readline())
+        assert alive(child)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        assert wait_dead(child), "the reward process outlived its owner"
+    finally:
+        owner.kill()
+
+
+def test_reward_actor_runs_a_hanging_reward_beside_a_good_one_every_step():
+    cfg = RewardConfig(functions=[RewardFnConfig(name="exact_match"), RewardFnConfig(name=f"{HERE}:moody")],
+                       timeout_s=0.5, fallback=-1.0)
+    actor = RewardActor(cfg)
+    try:
+        rows = [{"prompt": "p", "answer": "ab", "mode": "spin"}, {"prompt": "p", "answer": "x", "mode": "spin"}]
+        for _ in range(6):  # more hung calls than the thread pool has threads
+            scored, seconds = actor.score(["p", "p"], ["ab", "abc"], rows)
+            # exact_match 1 / 0, moody failed: fallback -1 each
+            assert [s.total for s in scored] == [0.0, -1.0]
+            assert all(s.failed == [f"{HERE}:moody"] for s in scored)
+            assert seconds < 5.0
+        rows = [{**r, "mode": "ok"} for r in rows]
+        scored, _ = actor.score(["p", "p"], ["ab", "abc"], rows)
+        assert [s.total for s in scored] == [1.0 + 2.0, 0.0 + 3.0]
+        assert actor.hung_calls == 0  # nothing was left hanging in a thread
+    finally:
+        actor.shutdown()
