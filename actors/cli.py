@@ -40,7 +40,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _reward_score(args: argparse.Namespace) -> int:
-    """Score a JSONL file of responses with one reward, locally: no cluster, no model."""
+    """Score a JSONL file of responses with one reward, locally: no training, no cluster (the judge starts a
+    local Ray for its engine actor)."""
     import json
     import os
 

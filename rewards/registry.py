@@ -103,7 +103,8 @@ def load(name: str, args: dict | None = None) -> RewardFn:
 
 def check_args(name: str, args: dict) -> None:
     """Raise KeyError for an unknown reward, TypeError for ``args`` that its class (or function, besides the
-    prompts, responses and row fields) cannot take; builds nothing, so a model a class loads is not loaded here."""
+    prompts, responses and row fields) cannot take, or that a class's static ``check_args(**args)`` rejects;
+    builds nothing, so a model a class loads is not loaded here."""
     target = resolve(name)
     target = getattr(target, "per_sample", target)
     try:
@@ -113,7 +114,9 @@ def check_args(name: str, args: dict) -> None:
     if inspect.isclass(target):
         try:
             sig.bind(**args)
-        except TypeError as exc:
+            if hasattr(target, "check_args"):  # the class's own checks, e.g. the judge's template
+                target.check_args(**args)
+        except (TypeError, ValueError, FileNotFoundError) as exc:
             raise TypeError(f"reward '{name}': {exc}") from None
     elif not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
         if unknown := set(args) - set(sig.parameters):
@@ -134,6 +137,7 @@ def isolation(name: str) -> str:
 def resolve(name: str) -> RewardFn:
     """A registered name, or ``module:attr`` of the user's own module: the function or class itself."""
     import rewards.execution  # noqa: F401  (these register the built-ins)
+    import rewards.judge  # noqa: F401
     import rewards.rules  # noqa: F401
     import rewards.similarity  # noqa: F401
     import rewards.structured  # noqa: F401
