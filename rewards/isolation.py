@@ -96,10 +96,11 @@ class ProcessReward:
                 self._kill()
                 raise RewardCallError(f"was still {doing} after its deadline; its process was killed")
             chunk = os.read(self._responses, 1 << 20)
-            if not chunk:  # the child is gone
-                code = self.proc.wait()
+            if not chunk:  # the child is gone (or closed its end: it is killed all the same)
+                proc = self.proc
                 self.deaths += 1
                 self._kill()
+                code = proc.returncode
                 how = f"signal {-code}" if code < 0 else f"exit code {code}"
                 raise RewardCallError(f"died ({how}) while {doing}")
             self._unpacker.feed(chunk)
@@ -161,6 +162,9 @@ class ProcessReward:
 
 
 def _serve(requests_fd: int, responses_fd: int, parent: int) -> int:
+    # Killed when the parent dies. Strictly, when the parent *thread* that started it ends: the reward actor starts
+    # and restarts these from one thread that lives as long as it does (a Ray actor's methods run on its main
+    # thread).
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the line above ran
         return 1
