@@ -1,9 +1,10 @@
-"""Reward failures on the real stack (hf backend: fast on CPU), on one shared trainer.
+"""Reward failures and reward-actor deaths on the real stack (hf backend: fast on CPU), on one shared trainer.
 
 A user reward fails on a known third of the prompts (``user_rewards.flaky``); with ``reward.on_failure =
 drop_group`` the groups of those prompts leave their step. Every count the test checks, in metrics.jsonl and on the
 Prometheus endpoint scraped over HTTP, is computed here from the prompts the scheduler picked and the failure rule.
-Tests run in file order: the counters accumulate over them.
+A reward actor killed while a step scores is restarted by Ray and its work retried. Tests run in file order on one
+trainer (the first runs it; the counters accumulate over them).
 """
 
 from __future__ import annotations
@@ -109,3 +110,36 @@ def test_a_step_whose_groups_all_fail_trains_on_its_expert_rows_or_on_nothing(tr
     assert _engine_checksum(trainer) == before  # so the weights did not move
     assert "reward -  loss - (rl - sft -)" in trainer._console_line(record)
 
+
+def test_reward_actor_killed_mid_run_is_restarted_and_its_scoring_retried(trainer, monkeypatch):
+    """Ray restarts a dead reward actor from its constructor arguments; the step's scoring, which died with it, is
+    retried (and the restart counted), and the step's rewards are the reward function's, not fallbacks."""
+    import ray
+
+    url = (trainer.run_dir / "metrics_url").read_text().strip()
+    counted = _scrape(url)['chorus_actor_restarts_total{role="reward"}']
+    restarts = trainer.rewards.restarts
+    score = trainer._score
+
+    def kill_then_score(rows, responses):
+        # Killed right as the step scores: killed before its generation, the actor could be back before it is
+        # called, and there would be no work to retry.
+        ray.kill(trainer.rewards.actors[0], no_restart=False)  # the process dies; Ray starts a new one
+        return score(rows, responses)
+
+    monkeypatch.setattr(trainer, "_score", kill_then_score)
+    plan = trainer.scheduler.plan(STEPS + 2)
+    _engine_checksum(trainer)  # no weight load left in flight beside this step's generation
+    rollouts = trainer._rollouts(plan)  # trainer.step() = _learn(_rollouts(plan)): split to see the scores
+    record = trainer._learn(rollouts)
+
+    failing = _failing(trainer, plan.prompt_ids)
+    assert rollouts.dropped == failing
+    assert record["samples"] == (len(plan.prompt_ids) - len(failing)) * trainer.cfg.rollout.n
+    # the rewards of the kept rows, recomputed here from their responses
+    data = [trainer.prompts[plan.prompt_ids[c.prompt_index]] for _, c in rollouts.rows]
+    expected = [d["score"] for d in flaky_parts([r["prompt"] for r in data], [c.text for _, c in rollouts.rows],
+                                                answer=[r["answer"] for r in data])]
+    assert [s.total for s in rollouts.scored] == expected and not any(s.failed for s in rollouts.scored)
+    assert trainer.rewards.restarts == restarts + 1  # one new process, however many calls failed meanwhile
+    assert _scrape(url)['chorus_actor_restarts_total{role="reward"}'] == counted + 1
