@@ -88,6 +88,8 @@ class RewardConfig:
     functions: list[RewardFnConfig] = field(default_factory=lambda: [RewardFnConfig(name="exact_match")])
     timeout_s: float = 10.0  # per reward function call on one batch
     fallback: float = 0.0  # score given to a sample whose reward raised, hung or returned NaN
+    on_failure: str = "fallback"  # fallback: such a sample keeps the fallback score | drop_group: its prompt's
+    #                               whole group of rollout.n samples leaves the step (counted and logged)
     num_cpus: float = 0.25
 
 
@@ -181,6 +183,7 @@ _CHOICES = {
     "learner.backend": ("", "gloo", "nccl"),
     "critic.backend": ("", "gloo", "nccl"),
     "algo.advantage": ("grpo", "gae"),
+    "reward.on_failure": ("fallback", "drop_group"),
     "algo.loss_agg": LOSS_AGGS,
     "algo.kl_estimator": KL_ESTIMATORS,
     "data.synthetic.task": tuple(TASKS),

@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray
@@ -30,7 +30,7 @@ import torch
 
 from actors.config import ChorusConfig, ConfigError, to_yaml
 from actors.metrics import STEP_PHASES, JsonlLog, Metrics
-from actors.scheduler import Scheduler, StepPlan
+from actors.scheduler import Scheduler, StepPlan, drop_failed_groups
 from learners.advantages import final_token_rewards, gae, grpo_advantages, whiten
 from learners.batch import TrainBatch, even_split, split_for_ranks
 from rewards.registry import check_args, resolve
@@ -62,6 +62,7 @@ class Rollouts:
     scored: list[Scored]
     version: int  # the policy version (optimiser steps taken) that generated them
     phase: dict[str, float]  # generate / reward seconds
+    dropped: list[int] = field(default_factory=list)  # prompt-set rows whose group a failed reward dropped
 
 
 class Trainer:
@@ -296,6 +297,7 @@ class Trainer:
                                                "grad_norm", "lr", "ref_kl", "value_loss", "value_clip_frac")},
                   "optimizer_steps": train["optimizer_steps"], "policy_lag": plan.step - rollouts.version,
                   "samples": len(rl_rows), "tokens": sum(len(c.token_ids) for _, c in rl_rows),
+                  "dropped_groups": len(rollouts.dropped),
                   "expert_rows": len(plan.expert_ids), "weight_sync_bytes": nbytes * len(self.rollouts),
                   "step_seconds": total, **{f"{k}_seconds": v for k, v in phase.items()}}
         if rollout_wait is not None:
@@ -312,7 +314,8 @@ class Trainer:
         return record
 
     def _rollouts(self, plan: StepPlan) -> Rollouts:
-        """Generate and score the step's on-policy rows (none when mu = 1)."""
+        """Generate and score the step's on-policy rows (none when mu = 1). With ``reward.on_failure = drop_group``
+        the groups of prompts whose reward failed on any sample are left out here, before advantages."""
         version, phase = self.engine_version, {}
         if not plan.prompt_ids:
             return Rollouts(plan, [], torch.zeros(0), [], version, phase)
@@ -325,9 +328,17 @@ class Trainer:
         t = time.perf_counter()
         scored = self._score(rows, [c.text for c in completions])
         phase["reward"] = time.perf_counter() - t
+        dropped = []
+        if self.cfg.reward.on_failure == "drop_group":
+            keep, groups = drop_failed_groups(scored, rc.n)
+            dropped = [plan.prompt_ids[completions[g * rc.n].prompt_index] for g in groups]
+            if dropped:
+                log.warning("step %d: dropped %d of %d prompt groups whose reward failed: %s", plan.step,
+                            len(dropped), len(plan.prompt_ids), [self.prompts[i]["prompt"] for i in dropped])
+            completions, scored = [completions[i] for i in keep], [scored[i] for i in keep]
         rewards = torch.tensor([s.total for s in scored])
         rl_rows = [(self.prompt_ids[plan.prompt_ids[c.prompt_index]], c) for c in completions]
-        return Rollouts(plan, rl_rows, rewards, scored, version, phase)
+        return Rollouts(plan, rl_rows, rewards, scored, version, phase, dropped)
 
     def _generate(self, prompts: list[list[int]], spec: SamplingSpec):
         shards = _chunks(list(range(len(prompts))), len(self.rollouts))
@@ -346,10 +357,11 @@ class Trainer:
             lambda a, s: a.score.remote([rows[i]["prompt"] for i in s], [responses[i] for i in s], [rows[i] for i in s]),
             idx, on_pending=self.metrics.queue.labels("reward").set)
         scored = [s for out, _ in results for s in out]
+        outcome = "its group is dropped" if self.cfg.reward.on_failure == "drop_group" else "fallback score used"
         for i, s in enumerate(scored):
             for name in s.failed:
                 self.metrics.reward_failures.labels(name).inc()
-                log.warning("reward '%s' failed on prompt %r; fallback score used", name, rows[i]["prompt"])
+                log.warning("reward '%s' failed on prompt %r; %s", name, rows[i]["prompt"], outcome)
         return scored
 
     def _batch(self, plan: StepPlan, rollouts: Rollouts) -> TrainBatch:
@@ -415,7 +427,10 @@ class Trainer:
 
     def _train(self, batch: TrainBatch, plan: StepPlan) -> dict:
         """``epochs`` passes over the step's rows, each in ``mini_batches`` optimiser steps (rows shuffled per pass);
-        the critic takes the same mini-batches' on-policy rows alongside. Returns metrics averaged over the steps."""
+        the critic takes the same mini-batches' on-policy rows alongside. Returns metrics averaged over the steps.
+
+        A step with no rows (a failed reward dropped every group and there are no expert rows) takes no optimiser
+        step, since AdamW would still move the weights on a zero gradient: ``optimizer_steps`` 0, no loss."""
         a, lc = self.cfg.algo, self.cfg.learner
         rng = random.Random(self.cfg.train.seed * 1_000_003 + plan.step)
         order = list(range(len(batch)))
@@ -442,6 +457,8 @@ class Trainer:
                 if critic_refs:
                     critic.append(self._reduce(ray.get(critic_refs)))
         self.metrics.queue.labels("learner").set(0)
+        if not policy:
+            return {"optimizer_steps": 0}
         out = _mean(policy)
         out["optimizer_steps"] = len(policy)
         if critic:
@@ -499,9 +516,14 @@ class Trainer:
         return accuracy
 
     def _console_line(self, r: dict) -> str:
-        reward = "   -  " if r["reward_mean"] is None else f"{r['reward_mean']:.3f}"
-        line = (f"step {r['step']:>4}  reward {reward}  loss {r['loss']:.4f} (rl {r['rl_loss']:.4f} "
-                f"sft {r['sft_loss']:.4f})  mu {r['mu']:.3f}  {r['step_seconds']:.2f}s")
+        def fmt(key: str, spec: str) -> str:  # None: no on-policy rows, or no rows at all this step
+            return "-" if r[key] is None else format(r[key], spec)
+
+        line = (f"step {r['step']:>4}  reward {fmt('reward_mean', '.3f')}  loss {fmt('loss', '.4f')} "
+                f"(rl {fmt('rl_loss', '.4f')} sft {fmt('sft_loss', '.4f')})  mu {r['mu']:.3f}  "
+                f"{r['step_seconds']:.2f}s")
+        if r["dropped_groups"]:
+            line += f"  dropped {r['dropped_groups']} groups"
         if "eval_accuracy" in r:
             line += f"  eval_acc {r['eval_accuracy']:.3f}"
         return line

@@ -54,6 +54,9 @@ class Metrics:
                                 registry=r)
         self.reward_failures = Counter("chorus_reward_failures_total", "Reward calls that raised, timed out or "
                                        "returned NaN/None, per sample", ["reward"], registry=r)
+        self.dropped_groups = Counter("chorus_reward_dropped_groups_total", "Prompt groups left out of a step because "
+                                      "a reward failed on one of their samples (reward.on_failure = drop_group)",
+                                      registry=r)
         self.sync_bytes = Counter("chorus_weight_sync_bytes_total", "Bytes of weights pushed to rollout engines",
                                   registry=r)
         self.sync_seconds = Gauge("chorus_weight_sync_seconds", "Seconds of the last weight sync", registry=r)
@@ -86,6 +89,7 @@ class Metrics:
         self.samples.inc(r["samples"])
         self.tokens.inc(r["tokens"])
         self.expert_rows.inc(r["expert_rows"])
+        self.dropped_groups.inc(r["dropped_groups"])
         if r["samples"]:
             self.reward.labels("total").set(r["reward_mean"])
             self.response_len.set(r["response_tokens_mean"])

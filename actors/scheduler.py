@@ -1,4 +1,5 @@
-"""The scheduler: which prompts and expert rows make up step k, and the CHORD weight mu(k). No Ray here."""
+"""The scheduler: which prompts and expert rows make up step k, the CHORD weight mu(k), and which prompt groups
+leave the step when a reward failed on them. No Ray here."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 
 from actors.config import AlgoConfig
 from rollout.data import Cursor
+from rollout.types import Scored
 
 
 def mu_at(step: int, *, mu_peak: float, mu_valley: float, warmup_steps: int, decay_steps: int,
@@ -66,3 +68,19 @@ class Scheduler:
 
     def state(self) -> dict:
         return {"prompts": vars(self.prompts).copy(), "expert": vars(self.expert).copy()}
+
+
+def drop_failed_groups(scored: list[Scored], group_size: int) -> tuple[list[int], list[int]]:
+    """``reward.on_failure = drop_group``: which rows stay in the step. Rows are prompt-major, group g being rows
+    g*G .. g*G + G - 1 (one prompt's G samples); a group with a failed row leaves whole, so that GRPO normalises
+    only over groups whose rewards are all real and the rows left are still contiguous groups of G.
+
+    Returns (kept row indices, dropped group indices), both ascending.
+    """
+    if len(scored) % group_size:
+        raise ValueError(f"{len(scored)} rows do not split into groups of {group_size}")
+    dropped = [g for g in range(len(scored) // group_size)
+               if any(s.failed for s in scored[g * group_size : (g + 1) * group_size])]
+    gone = set(dropped)
+    kept = [i for i in range(len(scored)) if i // group_size not in gone]
+    return kept, dropped

@@ -116,6 +116,7 @@ def test_bad_choice_in_yaml(tmp_path):
     ("model.dtype=fp8", "model.dtype"),
     ("learner.backend=mpi", "learner.backend"),
     ("data.synthetic.task=add", "data.synthetic.task"),
+    ("reward.on_failure=skip", "reward.on_failure"),
     # out of range
     ("train.steps=0", "train.steps"),
     ("rollout.n=0", "rollout.n"),

@@ -1,4 +1,4 @@
-"""actors/scheduler.py: the mu schedule, the expert row count and the step plan."""
+"""actors/scheduler.py: the mu schedule, the expert row count, the step plan and the groups a failed reward drops."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 
 from actors.config import AlgoConfig
-from actors.scheduler import Scheduler, mu_at, num_expert_rows
+from actors.scheduler import Scheduler, drop_failed_groups, mu_at, num_expert_rows
+from rollout.types import Scored
 
 
 def test_mu_at_by_hand():
@@ -93,3 +94,30 @@ def test_plan_walks_prompts_as_epochs():
     s = _scheduler(mu_peak=0.2, mu_valley=0.2)
     ids = [i for step in range(5) for i in s.plan(step).prompt_ids]
     assert sorted(ids[:10]) == list(range(10)) and sorted(ids[10:]) == list(range(10))
+
+
+def _scored(failed: list[list[str]]) -> list[Scored]:
+    return [Scored(total=float(i), failed=f) for i, f in enumerate(failed)]
+
+
+def test_drop_failed_groups_by_hand():
+    # G = 3, four groups: rows 0-2, 3-5, 6-8, 9-11
+    ok, bad = [], ["r"]
+    scored = _scored([ok, ok, ok,         # group 0: kept
+                      ok, bad, ok,        # group 1: one failed row -> dropped whole
+                      ok, ok, ok,         # group 2: kept
+                      bad, ["r", "s"], bad])  # group 3: all failed -> dropped
+    kept, dropped = drop_failed_groups(scored, 3)
+    assert dropped == [1, 3]
+    assert kept == [0, 1, 2, 6, 7, 8]  # groups 0 and 2, still contiguous, 3 each
+    assert [scored[i].total for i in kept] == [0.0, 1.0, 2.0, 6.0, 7.0, 8.0]  # the rows themselves, in order
+
+
+def test_drop_failed_groups_edge_cases():
+    assert drop_failed_groups(_scored([[]] * 4), 2) == ([0, 1, 2, 3], [])  # nothing failed: nothing dropped
+    assert drop_failed_groups(_scored([["r"]] + [[]] * 3), 2) == ([2, 3], [0])  # first row of the first group
+    assert drop_failed_groups(_scored([[]] * 3 + [["r"]]), 2) == ([0, 1], [1])  # last row of the last group
+    assert drop_failed_groups(_scored([["r"], [], [], ["r"]]), 2) == ([], [0, 1])  # every group: none left
+    assert drop_failed_groups([], 4) == ([], [])
+    with pytest.raises(ValueError, match="groups of 3"):
+        drop_failed_groups(_scored([[]] * 4), 3)
