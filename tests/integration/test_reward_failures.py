@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -111,27 +115,53 @@ def test_a_step_whose_groups_all_fail_trains_on_its_expert_rows_or_on_nothing(tr
     assert "reward -  loss - (rl - sft -)" in trainer._console_line(record)
 
 
+def _stat(pid: int | str) -> list[str]:
+    """/proc/PID/stat after the command name: [state, ppid, ...]; [] when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def _children(pid: int) -> list[int]:
+    return [int(e) for e in filter(str.isdigit, os.listdir("/proc")) if _stat(e)[1:2] == [str(pid)]]
+
+
+def _running(pid: int) -> bool:  # a zombie is dead: this container's init does not reap what is reparented to it
+    return _stat(pid)[:1] not in ([], ["Z"])
+
+
 def test_reward_actor_killed_mid_run_is_restarted_and_its_scoring_retried(trainer, monkeypatch):
     """Ray restarts a dead reward actor from its constructor arguments; the step's scoring, which died with it, is
-    retried (and the restart counted), and the step's rewards are the reward function's, not fallbacks."""
-    import ray
+    retried (and the restart counted), and the step's rewards are the reward function's, not fallbacks.
 
+    To kill the actor while it is scoring, not before or after: its reward process is stopped (SIGSTOP), so the
+    call waits on it, and the actor's process is SIGKILLed a second into the call, as a crash would. The stopped
+    reward process dies with its parent (the kernel's parent-death signal)."""
     url = (trainer.run_dir / "metrics_url").read_text().strip()
     counted = _scrape(url)['chorus_actor_restarts_total{role="reward"}']
     restarts = trainer.rewards.restarts
+    actor_pid = trainer.rewards.pids[0]
+    reward_procs = _children(actor_pid)
+    assert reward_procs, "the reward actor has no reward process"
     score = trainer._score
 
-    def kill_then_score(rows, responses):
-        # Killed right as the step scores: killed before its generation, the actor could be back before it is
-        # called, and there would be no work to retry.
-        ray.kill(trainer.rewards.actors[0], no_restart=False)  # the process dies; Ray starts a new one
+    def kill_while_scoring(rows, responses):
+        for pid in reward_procs:
+            os.kill(pid, signal.SIGSTOP)
+        threading.Timer(1.0, os.kill, (actor_pid, signal.SIGKILL)).start()
         return score(rows, responses)
 
-    monkeypatch.setattr(trainer, "_score", kill_then_score)
+    monkeypatch.setattr(trainer, "_score", kill_while_scoring)
     plan = trainer.scheduler.plan(STEPS + 2)
     _engine_checksum(trainer)  # no weight load left in flight beside this step's generation
     rollouts = trainer._rollouts(plan)  # trainer.step() = _learn(_rollouts(plan)): split to see the scores
     record = trainer._learn(rollouts)
+    assert trainer.rewards.pids[0] != actor_pid
+    deadline = time.monotonic() + 10
+    while any(map(_running, reward_procs)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_running, reward_procs)), "the old actor's reward process outlived it"
 
     failing = _failing(trainer, plan.prompt_ids)
     assert rollouts.dropped == failing
