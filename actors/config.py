@@ -40,7 +40,7 @@ class ModelConfig:
 
 @dataclass
 class SyntheticTaskConfig:
-    task: str = "reverse"  # reverse | sort: the answer is the string reversed / sorted
+    task: str = "reverse"  # reverse | sort | json: the string reversed / sorted / {"r": reversed, "n": length}
     seed: int = 0
     alphabet: str = "abcdefgh"
     min_len: int = 3

@@ -87,15 +87,33 @@ class Cursor:
 # --- the synthetic quickstart task -----------------------------------------------------------------------------
 # A prompt is "<string>=" and the answer the string reversed (or sorted): short, verifiable, and learnable by a
 # 1.4M-parameter model in minutes on a CPU. The tokenizer is character level, so one character is one token.
+# A task maps the string to its row fields: ``answer`` (the expert's response and the held-out reference) and any
+# metadata its reward reads, which prompt and held-out rows carry (e.g. ``schema`` for the json_schema reward).
+
+JSON_SCHEMA = {  # the json task's answer: the string reversed ("r") and its length ("n"), nothing else
+    "type": "object",
+    "properties": {"r": {"type": "string"}, "n": {"type": "integer", "minimum": 0}},
+    "required": ["r", "n"],
+    "additionalProperties": False,
+}
 
 
-TASKS = {"reverse": lambda s: s[::-1], "sort": lambda s: "".join(sorted(s))}  # string -> answer
+def _json_task(s: str) -> dict:
+    # compact separators: the answer is the exact text the expert writes, and the shorter the faster it is learnt
+    return {"answer": json.dumps({"r": s[::-1], "n": len(s)}, separators=(",", ":")), "schema": JSON_SCHEMA}
+
+
+TASKS = {  # string -> row fields
+    "reverse": lambda s: {"answer": s[::-1]},
+    "sort": lambda s: {"answer": "".join(sorted(s))},
+    "json": _json_task,  # "cab=" -> {"r":"bac","n":3}, scored by json_schema against the row's schema
+}
 
 
 def make_synthetic(task: str, seed: int, alphabet: str, min_len: int, max_len: int,
                    num_prompts: int, num_expert: int, num_eval: int) -> dict[str, list[dict]]:
     """Deterministic prompt / expert / eval rows; held-out strings never appear in the other two sets."""
-    answer = TASKS[task]
+    fields = TASKS[task]
     rng = random.Random(seed)
     universe = sum(len(alphabet) ** n for n in range(min_len, max_len + 1))
     if num_eval * 4 > universe:
@@ -110,7 +128,7 @@ def make_synthetic(task: str, seed: int, alphabet: str, min_len: int, max_len: i
             if s not in held:
                 return s
 
-    prompts = [{"prompt": f"{s}=", "answer": answer(s)} for s in (fresh() for _ in range(num_prompts))]
-    expert = [{"prompt": f"{s}=", "response": answer(s)} for s in (fresh() for _ in range(num_expert))]
-    evals = [{"prompt": f"{s}=", "answer": answer(s)} for s in sorted(held)]
+    prompts = [{"prompt": f"{s}=", **fields(s)} for s in (fresh() for _ in range(num_prompts))]
+    expert = [{"prompt": f"{s}=", "response": fields(s)["answer"]} for s in (fresh() for _ in range(num_expert))]
+    evals = [{"prompt": f"{s}=", **fields(s)} for s in sorted(held)]
     return {"prompts": prompts, "expert": expert, "eval": evals}

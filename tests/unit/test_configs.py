@@ -20,7 +20,8 @@ def _root(monkeypatch):
 
 def test_the_presets_are_all_there():
     names = {p.stem for p in CONFIGS}
-    assert {"quickstart", "smoke", "sft", "grpo", "ppo", "sft_then_rl", "chord_mu", "chord_phi", "chord"} <= names
+    assert {"quickstart", "quickstart_json", "smoke", "sft", "grpo", "ppo", "sft_then_rl", "chord_mu", "chord_phi",
+            "chord"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -49,3 +50,7 @@ def test_preset_semantics():
     assert mu[0] == 1.0 and 0.2 < mu[1] < 1.0 and mu[2] == mu[3] == 0.2 and not c["chord_mu"].algo.phi
     assert len(set(_mu(ROOT / "configs/chord_phi.yaml", [0, 250, 499]))) == 1 and c["chord_phi"].algo.phi
     assert _mu(ROOT / "configs/chord.yaml", [0, 499]) == [1.0, 0.2] and c["chord"].algo.phi
+    # the structured-output quickstart: the json task, scored by json_schema, room for the longest answer
+    q = c["quickstart_json"]
+    assert q.data.synthetic.task == "json" and "json_schema" in [f.name for f in q.reward.functions]
+    assert q.rollout.max_new_tokens >= len('{"r":"","n":0}') + q.data.synthetic.max_len + 1  # + end of sequence

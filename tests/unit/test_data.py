@@ -141,3 +141,45 @@ def test_synthetic_rows_load_back(tmp_path):
     for kind, rows in data.items():
         write_jsonl(tmp_path / f"{kind}.jsonl", rows)
         assert load_rows(tmp_path / f"{kind}.jsonl", kind) == rows
+
+
+def test_synthetic_json_rows_carry_a_schema_their_answer_satisfies():
+    jsonschema = pytest.importorskip("jsonschema")
+    data = make_synthetic("json", **_KW)
+    assert [len(data[k]) for k in ("prompts", "expert", "eval")] == [300, 300, 40]
+    for kind, field in (("prompts", "answer"), ("expert", "response"), ("eval", "answer")):
+        for row in data[kind]:
+            s = row["prompt"][:-1]
+            # the canonical text: compact separators, "r" then "n" ("abc=" -> {"r":"cba","n":3})
+            assert row[field] == '{"r":"' + s[::-1] + '","n":' + str(len(s)) + "}"
+            if kind == "expert":
+                assert set(row) == {"prompt", "response"}
+                continue
+            schema = row["schema"]
+            jsonschema.Draft202012Validator.check_schema(schema)
+            assert schema["additionalProperties"] is False and set(schema["required"]) == {"r", "n"}
+            jsonschema.validate(json.loads(row[field]), schema)
+    schema = data["prompts"][0]["schema"]
+    for wrong in ({"r": "ab"}, {"r": "ab", "n": "2"}, {"r": "ab", "n": 2, "extra": 1}, ["ab", 2]):
+        assert not jsonschema.Draft202012Validator(schema).is_valid(wrong), wrong
+
+
+def test_synthetic_json_is_deterministic_disjoint_and_scored_by_json_schema(tmp_path):
+    from rewards.structured import json_schema
+
+    data = make_synthetic("json", **_KW)
+    assert make_synthetic("json", **_KW) == data
+    assert make_synthetic("json", **{**_KW, "seed": 1}) != data
+    held = {r["prompt"] for r in data["eval"]}
+    assert len(held) == 40
+    assert held.isdisjoint(r["prompt"] for r in data["prompts"])
+    assert held.isdisjoint(r["prompt"] for r in data["expert"])
+    # the same strings as the reverse task: the json task only changes what the rows say about them
+    assert [r["prompt"] for r in make_synthetic("reverse", **_KW)["prompts"]] == [r["prompt"] for r in data["prompts"]]
+    for kind, rows in data.items():  # the rows survive the JSONL round trip the driver makes
+        write_jsonl(tmp_path / f"{kind}.jsonl", rows)
+        assert load_rows(tmp_path / f"{kind}.jsonl", kind) == rows
+    rows = data["prompts"][:3]
+    scores = json_schema([r["prompt"] for r in rows], [r["answer"] for r in rows], schema=[r["schema"] for r in rows],
+                         answer=[r["answer"] for r in rows])
+    assert [s["score"] for s in scores] == [1.0, 1.0, 1.0]
