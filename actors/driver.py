@@ -20,7 +20,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -357,11 +357,15 @@ class Trainer:
             lambda a, s: a.score.remote([rows[i]["prompt"] for i in s], [responses[i] for i in s], [rows[i] for i in s]),
             idx, on_pending=self.metrics.queue.labels("reward").set)
         scored = [s for out, _ in results for s in out]
-        outcome = "its group is dropped" if self.cfg.reward.on_failure == "drop_group" else "fallback score used"
-        for i, s in enumerate(scored):
+        failed: dict[str, Counter] = {}  # reward -> prompt -> failed samples: one log line per reward, not per sample
+        for row, s in zip(rows, scored):
             for name in s.failed:
                 self.metrics.reward_failures.labels(name).inc()
-                log.warning("reward '%s' failed on prompt %r; %s", name, rows[i]["prompt"], outcome)
+                failed.setdefault(name, Counter())[row["prompt"]] += 1
+        outcome = "their groups are dropped" if self.cfg.reward.on_failure == "drop_group" else "fallback score used"
+        for name, prompts in failed.items():
+            log.warning("reward '%s' failed on %d samples (%s), of the prompts: %s", name, sum(prompts.values()),
+                        outcome, ", ".join(f"{p!r} x{k}" for p, k in prompts.items()))
         return scored
 
     def _batch(self, plan: StepPlan, rollouts: Rollouts) -> TrainBatch:

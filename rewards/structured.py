@@ -11,6 +11,7 @@ Components, each in [0, 1]:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -98,15 +99,25 @@ def _as_json(value):
     return json.loads(value) if isinstance(value, str) else value
 
 
-def score_one(response: str, schema, answer, weights: dict[str, float]) -> dict[str, float]:
+@functools.lru_cache(maxsize=256)
+def _validator(schema_text: str):
+    """A checked validator of the schema ``schema_text`` (canonical JSON): rows usually share a few schemas, and
+    checking one costs more than scoring a response against it. Raises ``jsonschema.SchemaError``."""
+    schema = json.loads(schema_text)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def score_one(response: str, validator, answer, weights: dict[str, float]) -> dict[str, float]:
     parts = dict.fromkeys(WEIGHTS, 0.0)
     try:
         value = extract_json(response)
     except ValueError:
         return {"score": 0.0, **parts}
     parts["parses"] = 1.0
-    validator = jsonschema.validators.validator_for(schema)(schema)
     parts["schema"] = float(validator.is_valid(value))
+    schema = validator.schema
     required = schema.get("required", []) if isinstance(schema, dict) else []
     parts["keys"] = (sum(key in value for key in required) / len(required) if isinstance(value, dict)
                      else 0.0) if required else 1.0
@@ -133,12 +144,11 @@ def json_schema(prompts: list[str], responses: list[str], schema: list, answer: 
     out = []
     for response, row_schema, row_answer in zip(responses, schema, answers):
         try:
-            row_schema = _as_json(row_schema)
-            jsonschema.validators.validator_for(row_schema).check_schema(row_schema)
+            validator = _validator(json.dumps(_as_json(row_schema), sort_keys=True))
             row_answer = _as_json(row_answer)
         except (json.JSONDecodeError, jsonschema.SchemaError) as exc:  # the row's fault, not the model's
             log.warning("json_schema: the row's schema or answer is broken: %s", str(exc).splitlines()[0])
             out.append(None)
             continue
-        out.append(score_one(response, row_schema, row_answer, w))
+        out.append(score_one(response, validator, row_answer, w))
     return out
