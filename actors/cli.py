@@ -58,10 +58,10 @@ def _reward_score(args: argparse.Namespace) -> int:
         raise ConfigError(f"--args: not a JSON object ({exc.msg})") from None
     if not isinstance(fn_args, dict):
         raise ConfigError("--args: not a JSON object")
-    rows = load_rows(args.file, "responses")  # a bad file fails before any model loads
     cfg = RewardConfig(functions=[RewardFnConfig(name=args.reward, args=fn_args)], timeout_s=args.timeout)
-    try:
+    try:  # the cheap checks first: the reward's name and arguments, then the file; then models load
         check_args(args.reward, fn_args)
+        rows = load_rows(args.file, "responses")
         actor = RewardActor(cfg)
     except KeyError as exc:
         raise ConfigError(str(exc.args[0])) from None
