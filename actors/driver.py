@@ -33,7 +33,7 @@ from actors.metrics import STEP_PHASES, JsonlLog, Metrics
 from actors.scheduler import Scheduler, StepPlan, drop_failed_groups
 from learners.advantages import final_token_rewards, gae, grpo_advantages, whiten
 from learners.batch import TrainBatch, even_split, split_for_ranks
-from rewards.registry import check_args, resolve
+from rewards.registry import check_args, isolation, resolve
 from rollout.data import load_rows, make_synthetic, write_jsonl
 from rollout.engine import weights_file
 from rollout.tiny import ensure_model
@@ -80,6 +80,10 @@ class Trainer:
                 raise ConfigError(f"config key 'reward.functions[{i}].name': {exc.args[0]}") from None
             except TypeError as exc:
                 raise ConfigError(f"config key 'reward.functions[{i}].args': {exc}") from None
+            try:
+                isolation(f.name, f.isolation)
+            except ValueError as exc:
+                raise ConfigError(f"config key 'reward.functions[{i}].isolation': {exc}") from None
         try:
             self.model_path = ensure_model(cfg.model.path, cfg.model.build)
         except FileNotFoundError as exc:
@@ -334,7 +338,7 @@ class Trainer:
             dropped = [plan.prompt_ids[completions[g * rc.n].prompt_index] for g in groups]
             if dropped:
                 log.warning("step %d: dropped %d of %d prompt groups whose reward failed: %s", plan.step,
-                            len(dropped), len(plan.prompt_ids), [self.prompts[i]["prompt"] for i in dropped])
+                            len(dropped), len(plan.prompt_ids), [self.prompts[i]["prompt"][:80] for i in dropped])
             completions, scored = [completions[i] for i in keep], [scored[i] for i in keep]
         rewards = torch.tensor([s.total for s in scored])
         rl_rows = [(self.prompt_ids[plan.prompt_ids[c.prompt_index]], c) for c in completions]
@@ -365,7 +369,7 @@ class Trainer:
         outcome = "their groups are dropped" if self.cfg.reward.on_failure == "drop_group" else "fallback score used"
         for name, prompts in failed.items():
             log.warning("reward '%s' failed on %d samples (%s), of the prompts: %s", name, sum(prompts.values()),
-                        outcome, ", ".join(f"{p!r} x{k}" for p, k in prompts.items()))
+                        outcome, ", ".join(f"{p[:80]!r} x{k}" for p, k in prompts.items()))
         return scored
 
     def _batch(self, plan: StepPlan, rollouts: Rollouts) -> TrainBatch:

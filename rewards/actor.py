@@ -26,26 +26,63 @@ log = logging.getLogger("chorus.rewards")
 
 
 def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)  # bool counts: True is 1.0
+    if not isinstance(value, (int, float)):  # bool counts: True is 1.0
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+class InThread:
+    """A reward run in a thread of the reward actor, with :class:`ProcessReward`'s ``submit`` / ``result``. A call
+    past its deadline is abandoned, but its thread runs on: counted in ``hung``."""
+
+    def __init__(self, fn, pool: ThreadPoolExecutor):
+        self.fn, self.pool, self.future, self.hung = fn, pool, None, 0
+
+    def submit(self, prompts: list[str], responses: list[str], **fields) -> None:
+        self.future = self.pool.submit(self.fn, prompts, responses, **fields)
+
+    def result(self, timeout: float) -> list:
+        try:
+            return self.future.result(timeout=timeout)
+        except FutureTimeout:
+            if self.future.done():  # the reward's own TimeoutError (the same class on 3.11), not a hang
+                raise
+            self.hung += 1
+            raise RewardCallError("was still scoring after its deadline; its thread was left to finish") from None
+
+    def close(self) -> None:
+        if hasattr(self.fn, "close"):
+            self.fn.close()
 
 
 class RewardActor:
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
-        self.functions = []  # (name, weight, the callable: a ProcessReward, or the function itself)
+        self.pool = ThreadPoolExecutor(max_workers=max(4, len(cfg.functions)), thread_name_prefix="reward")
+        self.functions: list[tuple[str, float, ProcessReward | InThread]] = []  # each built once
         try:
-            for f in cfg.functions:  # each built once
-                own_process = (f.isolation or isolation(f.name)) == "process"
-                fn = ProcessReward(f.name, dict(f.args)) if own_process else load(f.name, dict(f.args))
-                self.functions.append((f.name, f.weight, fn))
-            for _, _, fn in self.functions:  # the processes load in parallel; a load error fails the start here
+            for f in cfg.functions:
+                if isolation(f.name, f.isolation) == "process":
+                    self.functions.append((f.name, f.weight, ProcessReward(f.name, dict(f.args))))
+                else:
+                    self.functions.append((f.name, f.weight, InThread(load(f.name, dict(f.args)), self.pool)))
+            for name, _, fn in self.functions:  # the processes load in parallel; a load error fails the start here
                 if isinstance(fn, ProcessReward):
-                    fn.await_ready()
+                    try:
+                        fn.await_ready()
+                    except RewardCallError as exc:
+                        raise RewardCallError(f"reward '{name}' {exc}") from None
         except BaseException:
             self.shutdown()
             raise
-        self.hung_calls = 0  # thread-run calls abandoned at the timeout; each still holds a thread of the pool
-        self.pool = ThreadPoolExecutor(max_workers=max(4, len(self.functions)), thread_name_prefix="reward")
+
+    @property
+    def hung_calls(self) -> int:
+        """Calls abandoned at the timeout whose thread still runs (thread isolation only)."""
+        return sum(fn.hung for _, _, fn in self.functions if isinstance(fn, InThread))
 
     def score(self, prompts: list[str], responses: list[str], rows: list[dict]) -> tuple[list[Scored], float]:
         """Score each (prompt, response) pair; ``rows`` are the data rows (reference fields). Returns the scores
@@ -53,35 +90,27 @@ class RewardActor:
         start = time.perf_counter()
         fields = {key: [row.get(key) for row in rows] for key in rows[0]} if rows else {}
         fields.pop("prompt", None)
+        fields.pop("response", None)  # a data column of that name must not stand in for the model's response
         results = [Scored(total=0.0) for _ in responses]
-        calls = []  # every function starts before any is waited for
-        for name, weight, fn in self.functions:
-            if isinstance(fn, ProcessReward):
-                try:
-                    fn.submit(prompts, responses, **fields)
-                    call = fn
-                except Exception as exc:  # its replacement process failed to load: fail this batch
-                    call = exc
-            else:
-                call = self.pool.submit(fn, prompts, responses, **fields)
-            calls.append((name, weight, call))
-        deadline = time.perf_counter() + self.cfg.timeout_s  # after any wait for a replacement process to load
-        for name, weight, call in calls:
+        submitted = {}  # every function starts before any is waited for
+        for name, _, fn in self.functions:
             try:
-                if isinstance(call, Exception):
-                    raise call
-                left = max(0.0, deadline - time.perf_counter())
-                scores = call.result(timeout=left)
+                fn.submit(prompts, responses, **fields)
+                submitted[name] = None
+            except Exception as exc:  # a replacement process that failed to load: this batch fails
+                submitted[name] = exc
+        deadline = time.perf_counter() + self.cfg.timeout_s  # after any wait for a replacement process to load
+        for name, weight, fn in self.functions:
+            try:
+                if submitted[name] is not None:
+                    raise submitted[name]
+                scores = fn.result(timeout=max(0.0, deadline - time.perf_counter()))
                 if len(scores) != len(responses):
                     raise ValueError(f"returned {len(scores)} scores for {len(responses)} responses")
-            except FutureTimeout:
-                self.hung_calls += 1
-                log.warning("reward '%s' timed out after %.1fs on %d rows (first prompt %r)",
-                            name, self.cfg.timeout_s, len(prompts), prompts[0] if prompts else "")
-                scores = [None] * len(responses)
             except Exception as exc:  # a user's reward may raise anything: count it, never crash the run
                 what = str(exc) if isinstance(exc, RewardCallError) else f"raised {type(exc).__name__}: {exc}"
-                log.warning("reward '%s' %s (first prompt %r)", name, what, prompts[0] if prompts else "")
+                log.warning("reward '%s' %s (%d rows, first prompt %r)", name, what, len(prompts),
+                            prompts[0][:80] if prompts else "")
                 scores = [None] * len(responses)
             for i, s in enumerate(scores):
                 if isinstance(s, Mapping):  # named components beside the reward's own "score"
@@ -89,8 +118,7 @@ class RewardActor:
                     for part, value in parts.items():
                         if part != "score" and _finite(value):
                             results[i].components[f"{name}.{part}"] = float(value)
-                bad = not _finite(s)
-                if bad:
+                if not _finite(s):
                     results[i].failed.append(name)
                     s = self.cfg.fallback
                 results[i].components[name] = float(s)
@@ -100,13 +128,11 @@ class RewardActor:
     def shutdown(self) -> None:
         """Stop the reward processes, and whatever a reward class holds (its ``close()``: the judge's engine)."""
         for name, _, fn in self.functions:
-            if hasattr(fn, "close"):
-                try:
-                    fn.close()
-                except Exception as exc:  # noqa: BLE001  (the others must still be closed)
-                    log.warning("reward '%s': close failed: %s", name, exc)
-        if hasattr(self, "pool"):
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            try:
+                fn.close()
+            except Exception as exc:  # noqa: BLE001  (the others must still be closed)
+                log.warning("reward '%s': close failed: %s", name, exc)
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def ready(self) -> int:
         """The process id: a new one after Ray restarts the actor."""

@@ -19,11 +19,16 @@ Config (``reward.functions``)::
           Candidate answer: {response}
           Grade the candidate from 0 to 10 against the reference. Reply with one line, "Score: N".
         max_new_tokens: 16
+        dtype: bfloat16                      # float32 by default, as the tiny CPU models need
         num_gpus: 1
+        timeout_s: 60                        # at most reward.timeout_s: a stuck engine is then replaced in time
 
 The engine (vLLM; ``backend: hf`` for transformers ``generate``) runs in a :class:`JudgeEngine` actor started by
-the reward actor that builds the reward, restarted by Ray if it dies, and stopped with it. Raise
-``reward.timeout_s`` to what the judge needs for one batch.
+the reward actor that builds the reward, and stopped with it. An engine that dies fails the batch it was on (Ray
+restarts it, up to 3 times; after that a new one is started); one that gives no verdicts within ``timeout_s`` is
+killed and replaced. Raise ``reward.timeout_s`` to what the judge needs for one batch, and keep the judge's own
+``timeout_s`` at or below it: the reward actor stops waiting at ``reward.timeout_s``, the judge's thread at
+``timeout_s``.
 """
 
 from __future__ import annotations
@@ -150,7 +155,7 @@ class Judge:
                  backend: str = "vllm", dtype: str = "float32", max_model_len: int = 2048, seed: int = 0,
                  num_cpus: float = 1.0, num_gpus: float | None = None, num_threads: int = 1,
                  tensor_parallel_size: int = 1, kv_cache_gib: int = 1, gpu_memory_utilization: float = 0.5,
-                 timeout_s: float = 300.0, start_timeout_s: float = 1800.0):
+                 timeout_s: float = 60.0, start_timeout_s: float = 600.0):
         import ray
 
         self.check_args(model=model, template=template, pattern=pattern, min_score=min_score, max_score=max_score)
@@ -162,12 +167,13 @@ class Judge:
         if num_gpus is None:
             num_gpus = float(ray.cluster_resources().get("GPU", 0) > 0)
         env = {"OMP_NUM_THREADS": str(num_threads), "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "ERROR"}
-        self.engine = ray.remote(JudgeEngine).options(
-            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=3, max_task_retries=3,  # verdicts are idempotent
-            runtime_env={"env_vars": env},
+        # No task retries: a batch that made the engine hang or crash is not run again on its replacement.
+        self._new_engine = lambda: ray.remote(JudgeEngine).options(
+            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=3, max_task_retries=0, runtime_env={"env_vars": env},
         ).remote(model, backend=backend, chat=chat, max_new_tokens=max_new_tokens, max_model_len=max_model_len,
                  num_threads=num_threads, dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
                  kv_cache_gib=kv_cache_gib, gpu_memory_utilization=gpu_memory_utilization)
+        self.engine = self._new_engine()
         try:
             ray.get(self.engine.ready.remote(), timeout=start_timeout_s)
         except BaseException:
@@ -192,7 +198,7 @@ class Judge:
         texts: dict[int, str] = {}
         missing = {}
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
-            values = {"prompt": prompt, "response": response, **{k: v[i] for k, v in fields.items()}}
+            values = {**{k: v[i] for k, v in fields.items()}, "prompt": prompt, "response": response}
             if absent := sorted(f for f in self.fields if values.get(f) is None):
                 missing[i] = absent
                 continue
@@ -207,7 +213,10 @@ class Judge:
             verdicts = ray.get(self.engine.verdicts.remote([texts[i] for i in order]), timeout=self.timeout_s)
         except ray.exceptions.GetTimeoutError:
             ray.kill(self.engine, no_restart=False)  # a stuck engine: Ray starts a fresh one for the next call
-            raise TimeoutError(f"judge engine gave no verdicts in {self.timeout_s}s; it is being restarted") from None
+            raise RuntimeError(f"judge engine gave no verdicts in {self.timeout_s}s; it is being restarted") from None
+        except ray.exceptions.ActorDiedError:  # out of restarts: a new actor, for the next call
+            self.engine = self._new_engine()
+            raise
         scores: list[float | None] = [None] * len(responses)
         too_long, unparsed = 0, []
         for i, verdict in zip(order, verdicts):

@@ -8,7 +8,7 @@ instead be a dict with a ``"score"`` and named components.
 Three other shapes are accepted:
 - a class whose instances have that call: built once per reward actor with the config's ``args`` as keyword
   arguments (load a model in ``__init__``);
-- an ``async def`` function (or a class with an async ``__call__``): awaited on the reward thread;
+- an ``async def`` function (or a class with an async ``__call__``): awaited where the reward runs;
 - a function of one sample, ``(prompt, response, **row) -> float | None``, wrapped with :func:`per_sample`.
 
 Reference it in the config by its registered name or as ``package.module:attr``.
@@ -126,12 +126,16 @@ def check_args(name: str, args: dict) -> None:
 ISOLATION = ("process", "thread")
 
 
-def isolation(name: str) -> str:
-    """Where reward ``name`` runs by default: ``"process"`` (its own, killed when it hangs) or ``"thread"``."""
-    mode = getattr(resolve(name), "isolation", "process")
-    if mode not in ISOLATION:
-        raise ValueError(f"reward '{name}': isolation = {mode!r} is not one of {list(ISOLATION)}")
-    return mode
+def isolation(name: str, configured: str = "") -> str:
+    """Where reward ``name`` runs: ``configured`` (the config's ``isolation``) if set, else the reward's own default
+    (``"process"``: its own, killed when it hangs; or ``"thread"``). A reward that declares ``"thread"`` (it needs
+    the reward actor's process, as the judge needs Ray) cannot be configured into a process."""
+    declared = getattr(resolve(name), "isolation", "process")
+    if declared not in ISOLATION:
+        raise ValueError(f"reward '{name}': isolation = {declared!r} is not one of {list(ISOLATION)}")
+    if declared == "thread" and configured == "process":
+        raise ValueError(f"reward '{name}' must run in the reward actor's own process (isolation: thread)")
+    return configured or declared
 
 
 def resolve(name: str) -> RewardFn:

@@ -132,8 +132,12 @@ def _processes_of(uid: int) -> int:
 
 def _supervise(cmd: list[str], stdin: bytes, limits: Limits) -> Result:
     start = time.monotonic()
+    prctl = _libc().prctl  # looked up before the fork: the child between fork and exec only calls it
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True,
+                            # killed if this thread's process dies (a reward process killed at its deadline):
+                            # then unshare's --kill-child takes the whole sandbox down with it
+                            preexec_fn=lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0))
     fd_out, fd_err = proc.stdout.fileno(), proc.stderr.fileno()
     out = {fd_out: bytearray(), fd_err: bytearray()}
     sel = selectors.DefaultSelector()
@@ -210,7 +214,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_BIND, _MS_REC = 1, 2, 4, 8, 32, 4096, 16384
 _MNT_FLAGS = {"nosuid": _MS_NOSUID, "nodev": _MS_NODEV, "noexec": _MS_NOEXEC}
-_PR_SET_NO_NEW_PRIVS, _PR_CAPBSET_DROP = 38, 24
+_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS, _PR_CAPBSET_DROP = 1, 38, 24
 
 
 def _libc() -> ctypes.CDLL:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,30 @@ def moody(prompts, responses, mode, **_):
 
         return list(np.arange(len(responses), dtype=np.float32) + 0.5)
     return [{"score": float(len(r)), "pid": os.getpid()} for r in responses]
+
+
+def sandboxed_sleep(prompts, responses, marker, **_):
+    """Runs a sleeping program in the sandbox, as code_exec would run model-written code."""
+    from rewards.sandbox import Limits, run
+
+    run([sys.executable, "-c", f"import time; time.sleep(600)  # {marker[0]}"],
+        limits=Limits(cpu_s=600, timeout_s=600))
+    return [1.0] * len(responses)
+
+
+class Closes:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __call__(self, prompts, responses, **_):
+        return [1.0] * len(responses)
+
+    def close(self):
+        Path(self.path).write_text("closed")
+
+
+def sees_fields(prompts, responses, **fields):
+    return [{"score": float(r == "model"), "fields": len(fields)} for r in responses]
 
 
 class NeedsArg:
@@ -86,7 +111,7 @@ def test_scores_and_components_come_back_from_the_process(reward):
 
 
 def test_a_spinning_reward_is_killed_at_its_deadline_and_replaced(reward):
-    first = reward.proc.pid
+    first, tmpdir = reward.proc.pid, reward.tmpdir
     for _ in range(5):  # a thread per hung call would have exhausted a pool of 4 by now
         start = time.monotonic()
         with pytest.raises(RewardCallError, match="still scoring after its deadline"):
@@ -94,6 +119,7 @@ def test_a_spinning_reward_is_killed_at_its_deadline_and_replaced(reward):
         assert time.monotonic() - start < 5.0  # the deadline, plus loading the replacement (on a busy CPU)
     assert reward.kills == 5
     assert wait_dead(first)
+    assert not os.path.exists(tmpdir)  # its TMPDIR went with it
     out = call(reward, "ok")  # the replacement loaded the function again
     assert [o["score"] for o in out] == [2.0, 3.0] and out[0]["pid"] != first
 
@@ -114,6 +140,58 @@ def test_a_reward_that_exits_fails_its_call_and_is_replaced(reward):
         call(reward, "exit")
     assert reward.deaths == 1
     assert [o["score"] for o in call(reward, "ok")] == [2.0, 3.0]
+
+
+def test_a_reward_that_died_while_idle_fails_one_call_and_is_replaced(reward):
+    os.kill(reward.proc.pid, signal.SIGKILL)  # between calls, as the OOM killer would
+    time.sleep(0.2)
+    with pytest.raises(RewardCallError, match=r"died \(signal 9\) while scoring"):
+        call(reward, "ok")
+    assert [o["score"] for o in call(reward, "ok")] == [2.0, 3.0]
+
+
+def test_a_sandbox_dies_with_the_reward_process_that_started_it():
+    """A reward killed at its deadline while a sandbox it started runs (code_exec running model-written code): the
+    sandbox's supervisor has its own session, so the process-group kill misses it; the parent-death signal gets it."""
+    marker = f"chorus-test-{os.getpid()}-{time.monotonic_ns()}"
+    r = ProcessReward(f"{HERE}:sandboxed_sleep")
+    try:
+        r.submit(["p"], ["r"], marker=[marker])
+
+        def sleepers() -> list[int]:
+            out = []
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes() and alive(int(pid)):
+                        out.append(int(pid))
+                except OSError:
+                    pass
+            return out
+
+        with pytest.raises(RewardCallError, match="deadline"):
+            r.result(3.0)
+        running = sleepers()
+        deadline = time.monotonic() + 10
+        while running and time.monotonic() < deadline:
+            time.sleep(0.1)
+            running = sleepers()
+        assert running == [], "the sandboxed program outlived the reward process"
+    finally:
+        r.close()
+
+
+def test_a_class_is_closed_in_its_process_and_a_response_column_is_not_passed(tmp_path):
+    flag = tmp_path / "closed"
+    cfg = RewardConfig(functions=[RewardFnConfig(name=f"{HERE}:Closes", args={"path": str(flag)}),
+                                  RewardFnConfig(name=f"{HERE}:sees_fields")])
+    actor = RewardActor(cfg)
+    rows = [{"prompt": "p", "answer": "a", "response": "from the data file"}]
+    scored, _ = actor.score(["p"], ["model"], rows)
+    # the model's response is scored, and the row's other field (answer) is the only one passed
+    assert scored[0].components[f"{HERE}:sees_fields"] == 1.0
+    assert scored[0].components[f"{HERE}:sees_fields.fields"] == 1.0
+    actor.shutdown()
+    assert flag.read_text() == "closed"
 
 
 def test_an_exception_names_its_type_and_line_and_the_process_lives_on(reward):

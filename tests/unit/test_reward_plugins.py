@@ -5,6 +5,7 @@ each through the reward actor as a run uses it (in the reward's own process, whi
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -23,7 +24,8 @@ class Scaled:
         self.factor = factor
 
     def __call__(self, prompts, responses, answer, **_):
-        return [{"score": self.factor * float(r == a), "built": Scaled.built} for r, a in zip(responses, answer)]
+        return [{"score": self.factor * float(r == a), "built": Scaled.built, "pid": os.getpid()}
+                for r, a in zip(responses, answer)]
 
 
 async def slow_len(prompts, responses, *, scale=1.0, **_):
@@ -50,10 +52,13 @@ def actor(*functions: RewardFnConfig) -> RewardActor:
 
 def test_class_is_built_once_with_args_and_called_per_batch():
     a = actor(RewardFnConfig(name=f"{HERE}:Scaled", args={"factor": 3.0}))
+    pids = set()
     for _ in range(3):
         scored, _ = a.score(["p", "p"], ["x", "y"], [{"answer": "x"}, {"answer": "x"}])
         assert [s.total for s in scored] == [3.0, 0.0]
-        assert [s.components[f"{HERE}:Scaled.built"] for s in scored] == [1.0, 1.0]  # one instance, reused
+        assert [s.components[f"{HERE}:Scaled.built"] for s in scored] == [1.0, 1.0]  # one instance ...
+        pids |= {s.components[f"{HERE}:Scaled.pid"] for s in scored}
+    assert len(pids) == 1  # ... in one process, reused for every batch
     a.shutdown()
 
 
@@ -92,3 +97,12 @@ def test_check_args_catches_a_wrong_argument_before_anything_is_built():
     with pytest.raises(TypeError, match="bonsu"):
         check_args(f"{HERE}:picky", {"bonsu": 1.0})
     assert Scaled.built == 0  # in this process: the reward processes of the other tests built theirs
+
+
+def test_a_reward_that_needs_the_actor_process_cannot_be_configured_into_its_own():
+    from rewards.registry import isolation
+
+    assert isolation("judge") == "thread" and isolation("exact_match") == "process"
+    assert isolation("exact_match", "thread") == "thread"
+    with pytest.raises(ValueError, match="must run in the reward actor's own process"):
+        isolation("judge", "process")
