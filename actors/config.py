@@ -56,6 +56,8 @@ class DataConfig:
     expert: str = ""  # JSONL/Parquet: {"prompt": str, "response": str}
     eval: str = ""  # JSONL/Parquet held-out set: {"prompt": str, "answer": str}
     synthetic: Optional[SyntheticTaskConfig] = None  # generate the three files above into the run dir
+    on_bad_row: str = "stop"  # a malformed row (bad JSON, a missing field): stop at start naming file and line, or
+    #                           skip: leave it out, log it and count it (chorus_data_rows_skipped_total)
 
 
 @dataclass
@@ -184,6 +186,7 @@ _CHOICES = {
     "critic.backend": ("", "gloo", "nccl"),
     "algo.advantage": ("grpo", "gae"),
     "reward.on_failure": ("fallback", "drop_group"),
+    "data.on_bad_row": ("stop", "skip"),
     "algo.loss_agg": LOSS_AGGS,
     "algo.kl_estimator": KL_ESTIMATORS,
     "data.synthetic.task": tuple(TASKS),

@@ -102,6 +102,8 @@ class Trainer:
             for f in cfg.reward.functions:  # export zeros from the start, not only after a first failure
                 self.metrics.reward_failures.labels(f.name)
                 self.metrics.reward.labels(f.name)
+            for kind in ("prompts", "expert", "eval"):
+                self.metrics.skipped_rows.labels(kind).inc(len(self.skipped_rows.get(kind, ())))
             (self.run_dir / "metrics_url").write_text(self.metrics.url + "\n")
             self.log = JsonlLog(self.run_dir / "metrics.jsonl")
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # weight hand-off in memory, not on disk
@@ -124,9 +126,20 @@ class Trainer:
             for kind, rows in generated.items():
                 paths[kind] = str(self.run_dir / "data" / f"{kind}.jsonl")
                 write_jsonl(Path(paths[kind]), rows)
-        self.prompts = load_rows(paths["prompts"], "prompts")
-        self.eval_rows = load_rows(paths["eval"], "eval")
-        self.expert = load_rows(paths["expert"], "expert") if paths["expert"] else []
+        self.skipped_rows: dict[str, list[str]] = {}  # data set -> what was wrong with each row left out
+
+        def read(kind: str) -> list[dict]:
+            skipped = [] if cfg.on_bad_row == "skip" else None  # None: the first bad row stops the run here
+            rows = load_rows(paths[kind], kind, skipped)
+            if skipped:
+                self.skipped_rows[kind] = skipped
+                log.warning("data.on_bad_row = skip: %d bad rows left out of %s: %s", len(skipped), paths[kind],
+                            "; ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+            return rows
+
+        self.prompts = read("prompts")
+        self.eval_rows = read("eval")
+        self.expert = read("expert") if paths["expert"] else []
         if self.cfg.train.eval_max_rows:
             self.eval_rows = self.eval_rows[: self.cfg.train.eval_max_rows]
         self.tokenizer = tok = AutoTokenizer.from_pretrained(self.model_path)

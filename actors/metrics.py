@@ -57,6 +57,8 @@ class Metrics:
         self.dropped_groups = Counter("chorus_reward_dropped_groups_total", "Prompt groups left out of a step because "
                                       "a reward failed on one of their samples (reward.on_failure = drop_group)",
                                       registry=r)
+        self.skipped_rows = Counter("chorus_data_rows_skipped_total", "Malformed data rows left out at start "
+                                    "(data.on_bad_row = skip), per data set", ["dataset"], registry=r)
         self.sync_bytes = Counter("chorus_weight_sync_bytes_total", "Bytes of weights pushed to rollout engines",
                                   registry=r)
         self.sync_seconds = Gauge("chorus_weight_sync_seconds", "Seconds of the last weight sync", registry=r)

@@ -21,38 +21,46 @@ class DataError(ValueError):
     """A data file that cannot be used: the message names the file and the line (row)."""
 
 
-def load_rows(path: str | Path, kind: str) -> list[dict]:
+def load_rows(path: str | Path, kind: str, skipped: list[str] | None = None) -> list[dict]:
     """Read a JSONL or Parquet file of ``kind`` (prompts | expert | eval | responses) and check the required
-    fields."""
+    fields. A bad row raises :class:`DataError` naming the file and line; or, when a ``skipped`` list is given, it
+    is left out and its message appended there (``data.on_bad_row: skip``). A file with no good row raises."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {kind} data file not found")
+
+    def bad(message: str) -> None:
+        if skipped is None:
+            raise DataError(message)
+        skipped.append(message)
+
+    rows, where = [], []
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         rows = pq.read_table(path).to_pylist()
         where = [f"{path}: row {i + 1}" for i in range(len(rows))]
     else:
-        rows, where = [], []
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    rows.append(json.loads(line))
+                    where.append(f"{path}:{lineno}")
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                rows.append(row)
-                where.append(f"{path}:{lineno}")
+                    bad(f"{path}:{lineno}: not valid JSON ({exc.msg})")
+    good = []
     for row, loc in zip(rows, where):
         if not isinstance(row, dict):
-            raise DataError(f"{loc}: a row must be a JSON object")
-        for key in REQUIRED[kind]:
-            if not isinstance(row.get(key), str):
-                raise DataError(f"{loc}: field '{key}' (a string) is missing")
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
+            bad(f"{loc}: a row must be a JSON object")
+        elif missing := next((key for key in REQUIRED[kind] if not isinstance(row.get(key), str)), None):
+            bad(f"{loc}: field '{missing}' (a string) is missing")
+        else:
+            good.append(row)
+    if not good:
+        raise DataError(f"{path}: no rows" + (f" ({len(skipped)} bad ones skipped)" if skipped else ""))
+    return good
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

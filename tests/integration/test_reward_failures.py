@@ -31,18 +31,47 @@ REWARD = "tests.integration.user_rewards:flaky_parts"
 STEPS = 4
 
 
+# Malformed rows written among the data files' good ones (data.on_bad_row = skip): (line after which, text)
+BAD_LINES = {"prompts": [(3, '{"prompt": "ab=",'), (10, '{"prompt": "ab="}')], "expert": [(0, "[1]")], "eval": []}
+
+
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     from actors.driver import Trainer
+    from rollout.data import make_synthetic
 
+    tmp = tmp_path_factory.mktemp("reward-failures")
+    data = make_synthetic("reverse", seed=0, alphabet="abcdef", min_len=3, max_len=5, num_prompts=2000,
+                          num_expert=2000, num_eval=10)
+    for kind, rows in data.items():
+        lines = [json.dumps(r) for r in rows]
+        for after, text in reversed(BAD_LINES[kind]):
+            lines.insert(after, text)
+        (tmp / f"{kind}.jsonl").write_text("\n".join(lines) + "\n")
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [
-        "rollout.backend=hf", f"train.steps={STEPS}", "train.eval_every=0", "data.synthetic.num_eval=10",
+        "rollout.backend=hf", f"train.steps={STEPS}", "train.eval_every=0",
+        "data.synthetic=null", *(f"data.{kind}={tmp / kind}.jsonl" for kind in data), "data.on_bad_row=skip",
         "train.max_staleness=1",  # async: step k+1's rollouts are scored and filtered while step k trains
         "algo.mu_peak=0.5",  # mu < 1 from step 0 on, so every step has prompt groups to score
         f"reward.functions=[{{name: '{REWARD}'}}]", "reward.on_failure=drop_group"])
-    t = Trainer(cfg, tmp_path_factory.mktemp("reward-failures"))
+    t = Trainer(cfg, tmp / "run")
+    t.good_rows = data
     yield t
     t.close()
+
+
+def test_bad_data_rows_are_skipped_named_and_counted(trainer):
+    """data.on_bad_row = skip: the good rows are all there, in order; each bad one is named by file and line, and
+    counted per data set on the endpoint."""
+    assert trainer.prompts == trainer.good_rows["prompts"] and trainer.expert == trainer.good_rows["expert"]
+    assert trainer.eval_rows == trainer.good_rows["eval"]
+    prompts = trainer.cfg.data.prompts
+    assert trainer.skipped_rows["prompts"] == [f"{prompts}:4: not valid JSON (Expecting property name enclosed in "
+                                               f"double quotes)", f"{prompts}:12: field 'answer' (a string) is missing"]
+    assert trainer.skipped_rows["expert"] == [f"{trainer.cfg.data.expert}:1: a row must be a JSON object"]
+    metrics = _scrape((trainer.run_dir / "metrics_url").read_text().strip())
+    for kind in ("prompts", "expert", "eval"):
+        assert metrics[f'chorus_data_rows_skipped_total{{dataset="{kind}"}}'] == len(BAD_LINES[kind])
 
 
 def _scrape(url: str) -> dict[str, float]:

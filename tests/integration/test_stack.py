@@ -29,7 +29,7 @@ METRIC_NAMES = [
     "chorus_grad_norm", "chorus_learning_rate", "chorus_response_length_tokens", "chorus_eval_accuracy",
     "chorus_step_phase_seconds", "chorus_phase_seconds_total", "chorus_step_seconds", "chorus_queue_depth",
     "chorus_actor_restarts_total", "chorus_reward_failures_total", "chorus_reward_dropped_groups_total",
-    "chorus_weight_sync_bytes_total", "chorus_weight_sync_seconds",
+    "chorus_weight_sync_bytes_total", "chorus_weight_sync_seconds", "chorus_data_rows_skipped_total",
 ]
 
 

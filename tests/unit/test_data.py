@@ -54,6 +54,23 @@ def test_load_rows_missing_and_empty_files(tmp_path):
         load_rows(write_lines(tmp_path, [""]), "prompts")
 
 
+def test_load_rows_skip_mode_leaves_bad_rows_out_and_names_each(tmp_path):
+    lines = ['{"prompt": "a=", "answer": "a"}', '{"prompt": "b=",', '[1, 2]', '{"prompt": "c="}',
+             '{"prompt": "d=", "answer": "d", "extra": 1}', '{"prompt": 5, "answer": "e"}']
+    path = write_lines(tmp_path, lines)
+    skipped: list[str] = []
+    rows = load_rows(path, "prompts", skipped)
+    assert [r["prompt"] for r in rows] == ["a=", "d="]  # lines 1 and 5
+    assert skipped == [f"{path}:2: not valid JSON (Expecting property name enclosed in double quotes)",
+                       f"{path}:3: a row must be a JSON object",
+                       f"{path}:4: field 'answer' (a string) is missing",
+                       f"{path}:6: field 'prompt' (a string) is missing"]
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:2: not valid JSON"):
+        load_rows(path, "prompts")  # the default stops at the first
+    with pytest.raises(DataError, match=r"no rows \(2 bad ones skipped\)"):
+        load_rows(write_lines(tmp_path, ["{", "[]"]), "prompts", [])
+
+
 def test_load_rows_parquet_names_row(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
