@@ -158,9 +158,8 @@ class Judge:
                  timeout_s: float = 60.0, start_timeout_s: float = 600.0):
         import ray
 
-        self.check_args(model=model, template=template, pattern=pattern, min_score=min_score, max_score=max_score)
-        self.fields = template_fields(template)
-        self.pattern = compile_pattern(pattern)
+        self.fields, self.pattern = self.check_args(model=model, template=template, pattern=pattern,
+                                                    min_score=min_score, max_score=max_score)
         self.template, self.min_score, self.max_score, self.timeout_s = template, min_score, max_score, timeout_s
         if not ray.is_initialized():  # `chorus reward score judge ...`: a local cluster for the engine actor
             ray.init(include_dashboard=False, log_to_driver=False)
@@ -182,15 +181,15 @@ class Judge:
 
     @staticmethod
     def check_args(model: str, template: str = DEFAULT_TEMPLATE, pattern: str = DEFAULT_PATTERN,
-                   min_score: float = 0.0, max_score: float = 10.0, **_) -> None:
+                   min_score: float = 0.0, max_score: float = 10.0, **_) -> tuple[set[str], re.Pattern]:
         """What can be checked before the engine starts (called at the run's start too); raises ValueError or
-        FileNotFoundError naming the argument."""
-        template_fields(template)
-        compile_pattern(pattern)
+        FileNotFoundError naming the argument. Returns the template's fields and the compiled pattern."""
+        fields, compiled = template_fields(template), compile_pattern(pattern)
         if not min_score < max_score:
             raise ValueError(f"min_score {min_score} must be below max_score {max_score}")
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise FileNotFoundError(f"judge model '{model}': no Hugging Face model (config.json) there")
+        return fields, compiled
 
     def __call__(self, prompts: list[str], responses: list[str], **fields) -> list[float | None]:
         import ray

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from actors.config import RewardConfig, RewardFnConfig
+from tests.procs import with_cmdline
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -141,13 +142,7 @@ def test_the_engine_actor_stops_with_the_reward_actor(judge_model):
     from rewards.actor import RewardActor
 
     def engines() -> int:  # Ray titles an actor's process "ray::ClassName"
-        count = 0
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                count += Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::JudgeEngine")
-            except OSError:
-                pass
-        return count
+        return len(with_cmdline(b"ray::JudgeEngine", prefix=True))
 
     cfg = RewardConfig(functions=[RewardFnConfig(name="judge", args={
         "model": judge_model, "template": TEMPLATE, "max_new_tokens": 10, "max_model_len": 256, "num_cpus": 1,

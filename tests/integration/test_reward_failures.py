@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 from actors.config import load_config
 from actors.scheduler import Scheduler, StepPlan
 from tests.integration.user_rewards import flaky, flaky_parts
+from tests.procs import children, wait_dead
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -144,22 +144,6 @@ def test_a_step_whose_groups_all_fail_trains_on_its_expert_rows_or_on_nothing(tr
     assert "reward -  loss - (rl - sft -)" in trainer._console_line(record)
 
 
-def _stat(pid: int | str) -> list[str]:
-    """/proc/PID/stat after the command name: [state, ppid, ...]; [] when the process is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return []
-
-
-def _children(pid: int) -> list[int]:
-    return [int(e) for e in filter(str.isdigit, os.listdir("/proc")) if _stat(e)[1:2] == [str(pid)]]
-
-
-def _running(pid: int) -> bool:  # a zombie is dead: this container's init does not reap what is reparented to it
-    return _stat(pid)[:1] not in ([], ["Z"])
-
-
 def test_reward_actor_killed_mid_run_is_restarted_and_its_scoring_retried(trainer, monkeypatch):
     """Ray restarts a dead reward actor from its constructor arguments; the step's scoring, which died with it, is
     retried (and the restart counted), and the step's rewards are the reward function's, not fallbacks.
@@ -171,7 +155,7 @@ def test_reward_actor_killed_mid_run_is_restarted_and_its_scoring_retried(traine
     counted = _scrape(url)['chorus_actor_restarts_total{role="reward"}']
     restarts = trainer.rewards.restarts
     actor_pid = trainer.rewards.pids[0]
-    reward_procs = _children(actor_pid)
+    reward_procs = children(actor_pid)
     assert reward_procs, "the reward actor has no reward process"
     score = trainer._score
 
@@ -187,10 +171,7 @@ def test_reward_actor_killed_mid_run_is_restarted_and_its_scoring_retried(traine
     rollouts = trainer._rollouts(plan)  # trainer.step() = _learn(_rollouts(plan)): split to see the scores
     record = trainer._learn(rollouts)
     assert trainer.rewards.pids[0] != actor_pid
-    deadline = time.monotonic() + 10
-    while any(map(_running, reward_procs)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(map(_running, reward_procs)), "the old actor's reward process outlived it"
+    assert wait_dead(reward_procs), "the old actor's reward process outlived it"
 
     failing = _failing(trainer, plan.prompt_ids)
     assert rollouts.dropped == failing

@@ -16,6 +16,7 @@ import pytest
 from actors.config import RewardConfig, RewardFnConfig
 from rewards.actor import RewardActor
 from rewards.isolation import ProcessReward, RewardCallError
+from tests.procs import alive, wait_dead, with_cmdline
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,7 +30,6 @@ def moody(prompts, responses, mode, **_):
             pass
     if mode[0] == "fork_and_hang":  # a child of its own that would outlive a plain kill of the reward process
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-        print(f"grandchild {child.pid}", file=sys.stderr, flush=True)
         with open(os.environ["CHORUS_TEST_PIDFILE"], "w") as f:
             f.write(str(child.pid))
         time.sleep(600)
@@ -73,22 +73,6 @@ def sees_fields(prompts, responses, **fields):
 class NeedsArg:
     def __init__(self, path: str):
         raise FileNotFoundError(f"no model at {path}")
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie is dead: this container's init does not reap what is reparented to it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def wait_dead(pid: int, within_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + within_s
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not alive(pid)
 
 
 @pytest.fixture
@@ -158,24 +142,9 @@ def test_a_sandbox_dies_with_the_reward_process_that_started_it():
     try:
         r.submit(["p"], ["r"], marker=[marker])
 
-        def sleepers() -> list[int]:
-            out = []
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes() and alive(int(pid)):
-                        out.append(int(pid))
-                except OSError:
-                    pass
-            return out
-
         with pytest.raises(RewardCallError, match="deadline"):
             r.result(3.0)
-        running = sleepers()
-        deadline = time.monotonic() + 10
-        while running and time.monotonic() < deadline:
-            time.sleep(0.1)
-            running = sleepers()
-        assert running == [], "the sandboxed program outlived the reward process"
+        assert wait_dead(with_cmdline(marker.encode())), "the sandboxed program outlived the reward process"
     finally:
         r.close()
 
