@@ -74,6 +74,8 @@ class RolloutConfig:
     num_threads: int = 1  # torch / OpenMP threads per actor on CPU
     kv_cache_gib: int = 1  # vLLM KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = 0.5  # vLLM on GPU
+    deadline_s: float = 1800.0  # one actor's generate call; past it the actor is killed, restarted and its work
+    #                             retried (0 = no deadline)
 
 
 @dataclass
@@ -93,6 +95,8 @@ class RewardConfig:
     on_failure: str = "fallback"  # fallback: such a sample keeps the fallback score | drop_group: its prompt's
     #                               whole group of rollout.n samples leaves the step (counted and logged)
     num_cpus: float = 0.25
+    deadline_s: float = 1800.0  # one reward actor's call on its share of a step (all functions, their reloads);
+    #                             past it the actor is killed, restarted and its work retried (0 = no deadline)
 
 
 @dataclass
@@ -111,6 +115,8 @@ class LearnerConfig:
     num_gpus: Optional[float] = None  # GPUs per learner; None = 1 if the cluster has GPUs, else 0
     num_threads: int = 1
     backend: str = ""  # torch.distributed backend; "" = nccl with GPUs, gloo without
+    deadline_s: float = 1800.0  # one optimiser step or weight save of the group; past it the group counts as failed
+    #                             (train.max_learner_failures) and restarts from the last checkpoint (0 = none)
 
 
 @dataclass
@@ -156,6 +162,16 @@ class TrainConfig:
     eval_max_rows: int = 0  # evaluate on the first N held-out rows (0 = all)
     max_staleness: int = 0  # 0 = synchronous; k > 0 = async: rollouts run up to k policy versions behind,
     #                         generating the next steps while the learner trains this one
+    max_learner_failures: int = 3  # learner (or critic) group failures the run survives by restarting the group
+    #                                from the newest checkpoint; one more stops the run
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints (0 = none but on SIGTERM); one is always written after the last step
+    keep: int = 2  # newest complete checkpoints kept; older ones are deleted once a new one is in place
+    dir: str = ""  # "" = RUN_DIR/checkpoints; on a multi-node cluster a path every node sees (shared storage)
+    grace_s: float = 120.0  # after SIGTERM: finish or abandon the step, write a checkpoint and exit within this
 
 
 @dataclass
@@ -176,6 +192,7 @@ class ChorusConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)  # frozen model of algo.kl_coef > 0
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
@@ -271,11 +288,13 @@ _RULES = [
         "rollout.num_actors", "rollout.n", "rollout.max_new_tokens", "rollout.tensor_parallel_size",
         "reward.num_actors", "learner.num_actors", "learner.micro_batch_size", "algo.prompts_per_step",
         "critic.num_actors", "critic.micro_batch_size", "reference.num_actors", "algo.epochs", "algo.mini_batches",
-        "train.steps")),
+        "train.steps", "checkpoint.keep")),
     *((k, lambda v: v >= 0, ">= 0") for k in (
         "learner.warmup_steps", "learner.decay_steps", "critic.warmup_steps", "critic.decay_steps",
         "algo.mu_warmup_steps", "algo.mu_hold_steps", "algo.mu_decay_steps", "algo.kl_coef",
-        "train.eval_every", "train.eval_max_rows", "train.max_staleness", "reward.timeout_s", "metrics.port")),
+        "train.eval_every", "train.eval_max_rows", "train.max_staleness", "reward.timeout_s", "metrics.port",
+        "rollout.deadline_s", "reward.deadline_s", "learner.deadline_s", "critic.deadline_s",
+        "train.max_learner_failures", "checkpoint.every", "checkpoint.grace_s")),
     *((k, lambda v: 0.0 <= v <= 1.0, "in [0, 1]") for k in (
         "algo.mu_peak", "algo.mu_valley", "learner.min_lr_ratio", "critic.min_lr_ratio", "algo.gamma",
         "algo.lam")),

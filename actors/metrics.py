@@ -50,8 +50,17 @@ class Metrics:
                                    registry=r)
         self.step_seconds = Gauge("chorus_step_seconds", "Wall time of the last step", registry=r)
         self.queue = Gauge("chorus_queue_depth", "Requests in flight per actor pool", ["pool"], registry=r)
-        self.restarts = Counter("chorus_actor_restarts_total", "Actors restarted by Ray whose work was retried", ["role"],
-                                registry=r)
+        self.restarts = Counter("chorus_actor_restarts_total", "Actors restarted (rollout, reward, reference: by Ray, "
+                                "their work retried; learner, critic: the group restarted from the last checkpoint)",
+                                ["role"], registry=r)
+        self.deadlines = Counter("chorus_deadline_exceeded_total", "Actor calls killed past their deadline "
+                                 "(<role>.deadline_s)", ["role"], registry=r)
+        self.checkpoint_step = Gauge("chorus_checkpoint_step", "Training steps the newest complete checkpoint holds "
+                                     "(0 = none yet)", registry=r)
+        self.checkpoint_time = Gauge("chorus_checkpoint_timestamp_seconds", "Unix time the newest complete "
+                                     "checkpoint was written", registry=r)
+        self.checkpoint_seconds = Gauge("chorus_checkpoint_seconds", "Seconds the last checkpoint took to write",
+                                        registry=r)
         self.reward_failures = Counter("chorus_reward_failures_total", "Reward calls that raised, timed out or "
                                        "returned NaN/None, per sample", ["reward"], registry=r)
         self.dropped_groups = Counter("chorus_reward_dropped_groups_total", "Prompt groups left out of a step because "
@@ -67,8 +76,9 @@ class Metrics:
             self.phase_total.labels(phase)
         for pool in ("rollout", "reward", "learner"):
             self.queue.labels(pool)
-        for role in ("rollout", "reward", "reference"):
+        for role in ("rollout", "reward", "reference", "learner", "critic"):
             self.restarts.labels(role)
+            self.deadlines.labels(role)
         for kind in ("rl", "sft", "total", "value"):
             self.loss.labels(kind)
         self.server, self.thread = start_http_server(port, addr=host, registry=r)
