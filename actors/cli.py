@@ -1,6 +1,6 @@
 """The ``chorus`` command line.
 
-    chorus train CONFIG.yaml [--run-dir DIR] [key=value ...]
+    chorus train CONFIG.yaml [--run-dir DIR [--resume]] [key=value ...]
     chorus reward score NAME_OR_MODULE:FUNCTION FILE.jsonl [--args JSON]
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,13 +26,22 @@ def _user_modules_importable() -> None:
 def _train(args: argparse.Namespace) -> int:
     _user_modules_importable()
     cfg = load_config(args.config, args.overrides)  # every config error surfaces here, before anything starts
+    if args.resume and not args.run_dir:
+        raise ConfigError("--resume needs --run-dir: the run to continue")
     run_dir = Path(args.run_dir or Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    from actors.driver import Trainer
+    from actors.driver import Stopped, Trainer
 
-    trainer = Trainer(cfg, run_dir)
-    print(f"chorus: run dir {run_dir}; metrics at {trainer.metrics.url}", flush=True)
+    trainer = Trainer(cfg, run_dir, resume=args.resume)
+    # preemption (Kubernetes, Slurm, `kill`): checkpoint within checkpoint.grace_s, then exit 143
+    signal.signal(signal.SIGTERM, lambda *_: trainer.request_stop("SIGTERM"))
+    start = f" from step {trainer.start_step}" if trainer.start_step else ""
+    print(f"chorus: run dir {run_dir}{start}; metrics at {trainer.metrics.url}", flush=True)
     try:
         summary = trainer.run()
+    except Stopped as stop:
+        print(f"chorus: stopped by SIGTERM after step {stop.step}; checkpoint {stop.checkpoint}. Continue with: "
+              f"chorus train {args.config} --run-dir {run_dir} --resume", flush=True)
+        return 128 + signal.SIGTERM
     finally:
         trainer.close()
     print(f"chorus: final eval accuracy {summary['final_eval_accuracy']:.3f} after {summary['steps']} steps "
@@ -97,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="run a training job")
     train.add_argument("config", help="YAML config (see configs/)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
-    train.add_argument("--run-dir", default="", help="where the config, metrics.jsonl and final/ go")
+    train.add_argument("--run-dir", default="", help="where the config, metrics.jsonl, checkpoints and final/ go")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --run-dir from its newest complete checkpoint (from step 0 if it "
+                            "has none); the config may change only in sizes, limits and paths (see README)")
     train.set_defaults(func=_train)
     reward = sub.add_parser("reward", help="work on reward functions without a cluster")
     reward_sub = reward.add_subparsers(dest="reward_command", required=True)

@@ -19,16 +19,19 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import ray
 import torch
 
+from actors import checkpoint as ckpt
 from actors.config import ChorusConfig, ConfigError, to_yaml
+from actors.group import GroupFailed, Interrupted
 from actors.metrics import STEP_PHASES, JsonlLog, Metrics
 from actors.scheduler import Scheduler, StepPlan, drop_failed_groups
 from learners.advantages import final_token_rewards, gae, grpo_advantages, whiten
@@ -65,12 +68,29 @@ class Rollouts:
     dropped: list[int] = field(default_factory=list)  # prompt-set rows whose group a failed reward dropped
 
 
+class Stopped(Exception):
+    """The run stopped on request (SIGTERM) after writing a checkpoint; ``--resume`` continues it."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"stopped after step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
 class Trainer:
-    def __init__(self, cfg: ChorusConfig, run_dir: str | Path):
+    """One run. ``resume``: continue from the newest complete checkpoint of the run (a run dir with none starts from
+    step 0), else the run dir must not hold a run yet."""
+
+    def __init__(self, cfg: ChorusConfig, run_dir: str | Path, *, resume: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        if (self.run_dir / "metrics.jsonl").exists():
-            raise ConfigError(f"run dir {self.run_dir} already holds a run (metrics.jsonl); choose another --run-dir")
+        self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        found = ckpt.newest(self.ckpt_root) if resume else None
+        if not resume and (self.run_dir / "metrics.jsonl").exists():
+            raise ConfigError(f"run dir {self.run_dir} already holds a run (metrics.jsonl): pass --resume to continue "
+                              f"it from its newest checkpoint, or choose another --run-dir")
+        if found:
+            ckpt.check_resumable(cfg, found[0])
+        self.start_step = found[1]["step"] if found else 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         for i, f in enumerate(cfg.reward.functions):  # fail before anything starts
@@ -89,7 +109,18 @@ class Trainer:
         except FileNotFoundError as exc:
             raise ConfigError(str(exc)) from None
         self._load_data()
+        if found:
+            sizes = {"prompts": len(self.prompts), "expert": len(self.expert), "eval": len(self.eval_rows)}
+            if sizes != found[1]["data"]:
+                raise ConfigError(f"data: the data sets now have {sizes} rows, {found[1]['data']} when checkpoint "
+                                  f"{found[0]} was written; its cursors index those rows: resume with the same files")
         self.scheduler = Scheduler(cfg.algo, cfg.rollout.n, len(self.prompts), len(self.expert), cfg.train.seed)
+        self.stopping = threading.Event()  # set by request_stop (SIGTERM): finish or abandon the step, checkpoint
+        self.grace_timer: threading.Timer | None = None
+        self.learner_failures = 0
+        self.pending: deque[tuple[int, Future]] = deque()  # async: (step, its rollouts), generating ahead
+        self.plan_states: dict[int, dict] = {}  # step -> scheduler state before it was planned
+        self.planned = 0  # the next step to plan
         # Everything below holds a resource (a port, a file, shared memory, processes): close() releases what
         # was started, whatever failed.
         self.metrics = self.log = self.sync_dir = self.worker = None
@@ -105,11 +136,18 @@ class Trainer:
             for kind in ("prompts", "expert", "eval"):
                 self.metrics.skipped_rows.labels(kind).inc(len(self.skipped_rows.get(kind, ())))
             (self.run_dir / "metrics_url").write_text(self.metrics.url + "\n")
-            self.log = JsonlLog(self.run_dir / "metrics.jsonl")
+            self.log = JsonlLog(self.run_dir / "metrics.jsonl", self.start_step if resume else None)
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # weight hand-off in memory, not on disk
             self.sync_dir = Path(tempfile.mkdtemp(prefix="chorus-sync-", dir=shm))
             self._start_ray()
             self._start_actors()
+            self.loads: deque[Future] = deque()  # async: weight loads queued on the worker (checked: none is lost)
+            if cfg.train.max_staleness:  # FIFO: the engines' order
+                self.worker = ThreadPoolExecutor(1, thread_name_prefix="chorus-engines")
+            if found:
+                self.metrics.restore_counters(found[1]["counters"])
+                self._restore(*found)
+                log.info("resumed from %s (step %d)", found[0], self.start_step)
         except BaseException:
             self.close()
             raise
@@ -160,34 +198,23 @@ class Trainer:
                 ray.init(num_cpus=self.cfg.ray.num_cpus, include_dashboard=self.cfg.ray.dashboard,
                          log_to_driver=True)
 
+    def _base_env(self) -> dict[str, str]:
+        # vLLM warns on every weight reload that the rotary embedding has no weights to load (it has none to
+        # train either): at WARNING that is one line per step, so engines log errors only.
+        return {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "ERROR",
+                "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
     def _start_actors(self) -> None:
         from actors.group import ActorGroup
-        from learners.learner import LearnerActor
         from rewards.actor import RewardActor
         from rollout.engine import RolloutActor
 
         cfg = self.cfg
         gpu = ray.cluster_resources().get("GPU", 0) > 0  # the driver may run on a node without GPUs
-        # vLLM warns on every weight reload that the rotary embedding has no weights to load (it has none to
-        # train either): at WARNING that is one line per step, so engines log errors only.
-        base_env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "ERROR",
-                    "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        base_env = self._base_env()
         a = cfg.algo
-        colocated_ref = a.kl_coef > 0 and cfg.reference.colocate
-        self.learners = self._deepspeed_group(
-            "learner", LearnerActor, cfg.learner, gpu, base_env,
-            lambda rank: dict(model_path=self.model_path, cfg=cfg.learner, algo=a, dtype=cfg.model.dtype,
-                              seed=cfg.train.seed, rank=rank, world_size=cfg.learner.num_actors,
-                              reference=colocated_ref))
-        if a.advantage == "gae":
-            from learners.critic import CriticActor
-
-            self.critic = self._deepspeed_group(
-                "critic", CriticActor, cfg.critic, gpu, base_env,
-                lambda rank: dict(model_path=self.model_path, cfg=cfg.critic, value_clip=a.value_clip,
-                                  dtype=cfg.model.dtype, seed=cfg.train.seed, rank=rank,
-                                  world_size=cfg.critic.num_actors))
-        if a.kl_coef > 0 and not colocated_ref:
+        self._start_learners()
+        if a.kl_coef > 0 and not cfg.reference.colocate:
             from learners.reference import ReferenceActor
 
             ref = cfg.reference
@@ -195,7 +222,8 @@ class Trainer:
                 "reference", ReferenceActor, ref.num_actors,
                 {"CPU": ref.num_cpus, "GPU": ref.num_gpus if ref.num_gpus is not None else float(gpu)},
                 lambda rank: dict(model_path=self.model_path, dtype=cfg.model.dtype, num_threads=ref.num_threads),
-                env={**base_env, "OMP_NUM_THREADS": str(ref.num_threads)}, max_restarts=3, retries=3)
+                env={**base_env, "OMP_NUM_THREADS": str(ref.num_threads)}, max_restarts=3, retries=3,
+                deadline_s=cfg.learner.deadline_s)
         rc = cfg.rollout
         self.rollouts = ActorGroup(
             "rollout", RolloutActor, rc.num_actors,
@@ -206,11 +234,36 @@ class Trainer:
                               tensor_parallel_size=rc.tensor_parallel_size, kv_cache_gib=rc.kv_cache_gib,
                               gpu_memory_utilization=rc.gpu_memory_utilization),
             env={**base_env, "OMP_NUM_THREADS": str(rc.num_threads)}, max_restarts=3, retries=3,
+            deadline_s=rc.deadline_s,
         )
         self.rewards = ActorGroup(
             "reward", RewardActor, cfg.reward.num_actors, {"CPU": cfg.reward.num_cpus},
             lambda rank: dict(cfg=cfg.reward), env=base_env, max_restarts=3, retries=3,
+            deadline_s=cfg.reward.deadline_s,
         )
+        for group in (self.rollouts, self.rewards):  # their waits end when the run is asked to stop
+            group.interrupt = self.stopping
+
+    def _start_learners(self) -> None:
+        """The policy's DeepSpeed ranks (with the colocated reference) and the PPO critic's: fresh from the model."""
+        from learners.learner import LearnerActor
+
+        cfg, a = self.cfg, self.cfg.algo
+        gpu = ray.cluster_resources().get("GPU", 0) > 0
+        colocated_ref = a.kl_coef > 0 and cfg.reference.colocate
+        self.learners = self._deepspeed_group(
+            "learner", LearnerActor, cfg.learner, gpu, self._base_env(),
+            lambda rank: dict(model_path=self.model_path, cfg=cfg.learner, algo=a, dtype=cfg.model.dtype,
+                              seed=cfg.train.seed, rank=rank, world_size=cfg.learner.num_actors,
+                              reference=colocated_ref))
+        if a.advantage == "gae":
+            from learners.critic import CriticActor
+
+            self.critic = self._deepspeed_group(
+                "critic", CriticActor, cfg.critic, gpu, self._base_env(),
+                lambda rank: dict(model_path=self.model_path, cfg=cfg.critic, value_clip=a.value_clip,
+                                  dtype=cfg.model.dtype, seed=cfg.train.seed, rank=rank,
+                                  world_size=cfg.critic.num_actors))
 
     @staticmethod
     def _deepspeed_group(role: str, cls: type, lc, gpu: bool, env: dict, make_kwargs) -> "ActorGroup":
@@ -219,7 +272,7 @@ class Trainer:
 
         group = ActorGroup(role, cls, lc.num_actors,
                            {"CPU": lc.num_cpus, "GPU": lc.num_gpus if lc.num_gpus is not None else float(gpu)},
-                           make_kwargs, env={**env, "OMP_NUM_THREADS": str(lc.num_threads)})
+                           make_kwargs, env={**env, "OMP_NUM_THREADS": str(lc.num_threads)}, deadline_s=lc.deadline_s)
         try:
             addr, port = group.all(lambda a: a.address.remote())[0]  # rank 0's node hosts the rendezvous
             group.all(lambda a: a.setup.remote(addr, port))
@@ -231,46 +284,228 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
+        """Train from ``start_step`` to ``train.steps``, evaluate, save the final model and checkpoint. A learner or
+        critic group that fails is restarted from the newest checkpoint (``train.max_learner_failures``). After
+        :meth:`request_stop` the run writes a checkpoint and raises :class:`Stopped`."""
         from tqdm import tqdm
 
         cfg = self.cfg.train
         start = time.perf_counter()
         accuracy = None
-        staleness = cfg.max_staleness
-        if staleness:
-            self.worker = ThreadPoolExecutor(1, thread_name_prefix="chorus-engines")  # FIFO: the engines' order
-        pending: deque = deque()  # async: rollouts of the next steps, generating
-        self.loads: deque = deque()  # async: weight loads queued on the worker (checked so a failure is not lost)
-        planned = 0
-        bar = tqdm(range(cfg.steps), desc="train", unit="step", dynamic_ncols=True, disable=None)  # off without a tty
-        for step in bar:
-            if not staleness:
-                record = self.step(self.scheduler.plan(step))
-            else:
-                while planned <= min(step + staleness, cfg.steps - 1):  # keep S steps of rollouts ahead
-                    pending.append(self.worker.submit(self._rollouts, self.scheduler.plan(planned)))
-                    planned += 1
-                t = time.perf_counter()
-                rollouts = pending.popleft().result()
-                while self.loads and self.loads[0].done():
-                    self.loads.popleft().result()  # raises what the load raised
-                record = self._learn(rollouts, rollout_wait=time.perf_counter() - t)
+        bar = tqdm(total=cfg.steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=None)  # off without a tty
+        step = self.start_step
+        while step < cfg.steps and not self.stopping.is_set():
+            try:
+                record = self._next_step(step)
+            except Interrupted:  # asked to stop while the step's rollouts were made: the step is abandoned
+                break
+            except GroupFailed as exc:
+                step = self._recover(exc)
+                continue
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 t = time.perf_counter()
-                accuracy = record["eval_accuracy"] = self._on_engines(self.evaluate)
-                record["eval_seconds"] = time.perf_counter() - t
+                try:
+                    accuracy = record["eval_accuracy"] = self._on_engines(self.evaluate)
+                    record["eval_seconds"] = time.perf_counter() - t
+                except Interrupted:  # stopping: the step is done, its evaluation is not needed
+                    pass
             self.log.write(record)
+            bar.update(1)
             bar.write(self._console_line(record))
+            step += 1
+            every = self.cfg.checkpoint.every
+            if every and step % every == 0 and step < cfg.steps and not self.stopping.is_set():
+                try:
+                    self.checkpoint(step, "periodic")
+                except GroupFailed as exc:
+                    step = self._recover(exc)
+        bar.close()
+        if self.stopping.is_set():
+            raise Stopped(step, self.checkpoint(step, "sigterm"))
         final = self._on_engines(self.evaluate)
         for load in self.loads:  # async: every queued load ran before the final evaluation; none may have failed
             load.result()
         self.log.write({"step": cfg.steps, "eval_accuracy": final, "final": True})
         self.learners.all(lambda a: a.save_pretrained.remote(str(self.run_dir / "final"), self.model_path))
+        last = self.checkpoint(cfg.steps, "final")
         summary = {"steps": cfg.steps, "final_eval_accuracy": final, "last_periodic_eval_accuracy": accuracy,
                    "wall_seconds": time.perf_counter() - start, "metrics_url": self.metrics.url,
-                   "model": str(self.run_dir / "final")}
+                   "model": str(self.run_dir / "final"), "checkpoint": str(last),
+                   "learner_failures": self.learner_failures}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def _plan(self, step: int) -> StepPlan:
+        self.plan_states[step] = self.scheduler.state()  # a checkpoint taken before `step` trains needs it
+        self.planned = step + 1
+        return self.scheduler.plan(step)
+
+    def _next_step(self, step: int) -> dict:
+        """Step ``step``: synchronous, or in async mode keep S steps of rollouts generating ahead and train on the
+        oldest."""
+        for old in [k for k in self.plan_states if k < step]:
+            del self.plan_states[old]
+        staleness = self.cfg.train.max_staleness
+        if not staleness:
+            return self.step(self._plan(step))
+        while self.planned <= min(step + staleness, self.cfg.train.steps - 1):
+            self.pending.append((self.planned, self.worker.submit(self._rollouts, self._plan(self.planned))))
+        t = time.perf_counter()
+        planned, future = self.pending[0]
+        assert planned == step, (planned, step)
+        rollouts = future.result()  # raises Interrupted when stopping, before the step trains
+        self.pending.popleft()
+        while self.loads and self.loads[0].done():
+            self.loads.popleft().result()  # raises what the load raised
+        return self._learn(rollouts, rollout_wait=time.perf_counter() - t)
+
+    # --- checkpoints, recovery, stopping ----------------------------------------------------------------------
+
+    def checkpoint(self, steps_done: int, reason: str) -> Path:
+        """Write the state after ``steps_done`` steps to ``.tmp-step-N``, then rename it ``step-N`` (complete or
+        absent, never half-written) and delete all but the newest ``checkpoint.keep``. In async mode the rollouts
+        already generated for the next steps are saved too (waited for; when stopping, those done)."""
+        name = f"step-{steps_done:08d}"
+        final, tmp = self.ckpt_root / name, self.ckpt_root / f".tmp-{name}"
+        if final.exists():  # a checkpoint of this step is in place (e.g. the one a failed group restarted from)
+            return final
+        t = time.perf_counter()
+        ready = []
+        for _, future in self.pending:  # steps steps_done, steps_done + 1, ... in order
+            try:
+                ready.append(future.result())
+            except Exception:
+                if not self.stopping.is_set():
+                    raise
+                break  # stopping: keep the rollouts made before it
+        plan_from = steps_done + len(ready)
+        scheduler = self.plan_states[plan_from] if plan_from < self.planned else self.scheduler.state()
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.learners.all(lambda a: a.save_checkpoint.remote(str(tmp / "learner")))
+        self.learners.all(lambda a: a.save_pretrained.remote(str(tmp / "model"), self.model_path))
+        if self.critic is not None:
+            self.critic.all(lambda a: a.save_checkpoint.remote(str(tmp / "critic")))
+        if ready:
+            (tmp / "rollouts.msgpack").write_bytes(ckpt.pack_rollouts(ready))
+        (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+        state = {"step": steps_done, "version": self.version, "plan_from": plan_from, "scheduler": scheduler,
+                 "data": {"prompts": len(self.prompts), "expert": len(self.expert), "eval": len(self.eval_rows)},
+                 "counters": self.metrics.counters(), "reason": reason, "time": time.time()}
+        (tmp / "trainer.json").write_text(json.dumps(state, indent=1) + "\n")
+        os.sync()  # the files are on disk before the name says the checkpoint is complete
+        tmp.rename(final)
+        ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep, current=tmp)
+        seconds = time.perf_counter() - t
+        self.metrics.checkpoint_step.set(steps_done)
+        self.metrics.checkpoint_time.set(state["time"])
+        self.metrics.checkpoint_seconds.set(seconds)
+        log.info("checkpoint %s (%s, %.1fs)", final, reason, seconds)
+        return final
+
+    def _restore(self, path: Path, state: dict) -> None:
+        """Load checkpoint ``path`` into the (running) learner groups, scheduler and engines."""
+        try:
+            self.learners.all(lambda a: a.load_checkpoint.remote(str(path / "learner")))
+            if self.critic is not None:
+                self.critic.all(lambda a: a.load_checkpoint.remote(str(path / "critic")))
+        except GroupFailed:
+            raise
+        except Exception as exc:  # a file cut short, a different number of ranks: say which checkpoint
+            raise ConfigError(f"checkpoint {path}: cannot load the learner state: "
+                              f"{str(exc).strip().splitlines()[-1]}") from None
+        self.scheduler.load_state(state["scheduler"])
+        self.version, self.planned, self.plan_states = state["version"], state["plan_from"], {}
+        rollouts = path / "rollouts.msgpack"
+        self.pending = deque()
+        for r in ckpt.unpack_rollouts(rollouts.read_bytes()) if rollouts.exists() else []:
+            future: Future = Future()
+            future.set_result(r)
+            self.pending.append((r.plan.step, future))
+        self._resync_engines()
+        self.metrics.checkpoint_step.set(state["step"])
+        self.metrics.checkpoint_time.set(state["time"])
+
+    def _resync_engines(self) -> None:
+        """Give the engines the learners' weights after the policy version went back (a restore)."""
+        for f in self.sync_dir.glob("weights-*"):  # newer versions than the restored one must not be picked up
+            f.unlink(missing_ok=True)
+        self.sync_weights()
+
+    def _recover(self, exc: GroupFailed) -> int:
+        """A learner or critic group failed: restart both from the newest checkpoint (from step 0 without one) and
+        return the step to go on from; past ``train.max_learner_failures`` raise instead."""
+        self.learner_failures += 1
+        self.metrics.restarts.labels(exc.role).inc()
+        for group in (self.learners, self.critic):
+            if group is not None:
+                self.metrics.deadlines.labels(group.role).inc(group.take_counts()[1])
+        found = ckpt.newest(self.ckpt_root)
+        where = f"checkpoint {found[0]}" if found else "step 0 (no checkpoint yet)"
+        limit = self.cfg.train.max_learner_failures
+        if self.learner_failures > limit:
+            raise RuntimeError(f"{exc}: the {exc.role} group failed {self.learner_failures} times, more than "
+                               f"train.max_learner_failures = {limit}; the run stops. Its newest checkpoint is "
+                               f"{where}: fix the cause (see the actor logs under /tmp/ray/session_latest/logs), "
+                               f"then continue with --resume") from exc
+        log.error("%s; restarting the learner groups from %s (failure %d of at most %d)", exc, where,
+                  self.learner_failures, limit)
+        self._drain_worker()
+        for name in ("critic", "learners"):
+            group = getattr(self, name)
+            if group is not None:
+                group.shutdown()
+                setattr(self, name, None)
+        self._start_learners()
+        if found:
+            self._restore(*found)
+            step = found[1]["step"]
+        else:
+            self.scheduler = Scheduler(self.cfg.algo, self.cfg.rollout.n, len(self.prompts), len(self.expert),
+                                       self.cfg.train.seed)
+            self.version, self.planned, self.plan_states, self.pending = 0, 0, {}, deque()
+            self._resync_engines()
+            step = 0
+        moved = self.log.rollback(step)
+        if moved:
+            log.warning("%d records of steps after %d moved to metrics.rolled_back.jsonl; those steps run again",
+                        moved, step)
+        return step
+
+    def _drain_worker(self) -> None:
+        """Async mode: cancel the queued rollouts and weight loads and wait for the running ones (their results are
+        of a policy that is being rolled back)."""
+        futures = [f for _, f in self.pending] + list(self.loads)
+        for f in futures:
+            f.cancel()
+        for f in futures:
+            try:
+                f.result()
+            except BaseException:  # noqa: BLE001 - cancelled, or failed: discarded either way
+                pass
+        self.pending.clear()
+        self.loads.clear()
+
+    def request_stop(self, reason: str = "SIGTERM") -> None:
+        """Stop soon (a signal handler may call this): a step still making its rollouts is abandoned, one that is
+        training finishes; then a checkpoint, and :meth:`run` raises :class:`Stopped`. If that takes longer than
+        ``checkpoint.grace_s`` the process exits at once, leaving the newest complete checkpoint."""
+        if self.stopping.is_set():
+            return
+        grace = self.cfg.checkpoint.grace_s
+        log.warning("%s: stopping; writing a checkpoint within checkpoint.grace_s = %gs", reason, grace)
+        self.stopping.set()
+        self.grace_timer = threading.Timer(grace, self._grace_over)
+        self.grace_timer.daemon = True
+        self.grace_timer.start()
+
+    def _grace_over(self) -> None:
+        found = ckpt.complete(self.ckpt_root)
+        log.error("checkpoint.grace_s = %gs passed before the stop's checkpoint was complete; exiting now. Newest "
+                  "complete checkpoint: %s", self.cfg.checkpoint.grace_s, found[-1] if found else "none")
+        logging.shutdown()
+        os._exit(143)
 
     def _on_engines(self, fn, *args):
         """Run ``fn`` where engine work runs: inline, or in async mode queued behind the worker's rollouts and weight
@@ -327,17 +562,24 @@ class Trainer:
         self.metrics.observe_step(record)
         for group in (self.rollouts, self.rewards, self.references):
             if group is not None:
-                self.metrics.restarts.labels(group.role).inc(group.take_restarts())
+                restarts, deadlines = group.take_counts()
+                self.metrics.restarts.labels(group.role).inc(restarts)
+                self.metrics.deadlines.labels(group.role).inc(deadlines)
         return record
 
     def _rollouts(self, plan: StepPlan) -> Rollouts:
         """Generate and score the step's on-policy rows (none when mu = 1). With ``reward.on_failure = drop_group``
         the groups of prompts whose reward failed on any sample are left out here, before advantages."""
+        if self.stopping.is_set():
+            raise Interrupted("rollouts")
         version, phase = self.engine_version, {}
         if not plan.prompt_ids:
             return Rollouts(plan, [], torch.zeros(0), [], version, phase)
         rc = self.cfg.rollout
-        spec = SamplingSpec(n=rc.n, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p)
+        # the step's own seed: a retried, resumed or restarted engine samples exactly what the first would have
+        seed = random.Random(f"chorus-sample-{self.cfg.train.seed}-{plan.step}").getrandbits(48)
+        spec = SamplingSpec(n=rc.n, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
+                            seed=seed)
         t = time.perf_counter()
         completions = self._generate([self.prompt_ids[i] for i in plan.prompt_ids], spec)
         phase["generate"] = time.perf_counter() - t
@@ -359,8 +601,12 @@ class Trainer:
 
     def _generate(self, prompts: list[list[int]], spec: SamplingSpec):
         shards = _chunks(list(range(len(prompts))), len(self.rollouts))
-        results = self.rollouts.map(lambda a, shard: a.generate.remote([prompts[i] for i in shard], spec), shards,
-                                    on_pending=self.metrics.queue.labels("rollout").set)
+
+        def call(actor, shard: list[int]):  # a seeded request's prompt i samples from seed + i * n, wherever it runs
+            seeded = spec if spec.seed is None else replace(spec, seed=spec.seed + shard[0] * spec.n)
+            return actor.generate.remote([prompts[i] for i in shard], seeded)
+
+        results = self.rollouts.map(call, shards, on_pending=self.metrics.queue.labels("rollout").set)
         completions = []
         for shard, (out, _) in zip(shards, results):
             for c in out:
@@ -439,7 +685,10 @@ class Trainer:
         """``call(actor, rows)`` with the rows dealt to every actor of ``group`` (each gets a call, if only a filler
         row: ZeRO-3 forward passes are collective); per-row results in the batch's order."""
         shards = split_for_ranks(batch, len(group), len(batch))  # [rank][one micro-batch]
-        results = group.map(lambda actor, micros: call(actor, micros[0]), shards)
+        if group.role in ("learner", "critic"):  # DeepSpeed ranks: collective, no retry
+            results = group.get(group.submit(lambda actor, micros: call(actor, micros[0]), shards))
+        else:
+            results = group.map(lambda actor, micros: call(actor, micros[0]), shards)
         out: list = [None] * len(batch)
         for rank, rows in enumerate(results):
             for j, value in enumerate(rows[: len(range(rank, len(batch), len(group)))]):
@@ -474,9 +723,9 @@ class Trainer:
                     critic_refs = self.critic.submit(
                         lambda actor, micros: actor.train_step.remote(micros, n_tokens=counts["n_rl_tokens"]),
                         split_for_ranks(on_policy, len(self.critic), self.cfg.critic.micro_batch_size))
-                policy.append(self._reduce(ray.get(refs)))
+                policy.append(self._reduce(self.learners.get(refs)))
                 if critic_refs:
-                    critic.append(self._reduce(ray.get(critic_refs)))
+                    critic.append(self._reduce(self.critic.get(critic_refs)))
         self.metrics.queue.labels("learner").set(0)
         if not policy:
             return {"optimizer_steps": 0}
@@ -551,6 +800,8 @@ class Trainer:
 
     def close(self) -> None:
         """Stop everything this trainer started; safe to call twice."""
+        if self.grace_timer is not None:
+            self.grace_timer.cancel()
         if self.worker is not None:  # its calls on actors fail once the actors are gone, and it ends
             self.worker.shutdown(wait=False, cancel_futures=True)
             self.worker = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Callable
 
@@ -16,18 +17,35 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 log = logging.getLogger("chorus")
 
 
+class Interrupted(Exception):
+    """The group's ``interrupt`` event was set while :meth:`ActorGroup.map` waited (the run is stopping)."""
+
+
+class GroupFailed(RuntimeError):
+    """Collective work of a group (DeepSpeed ranks) failed: a rank died, or a call ran past ``deadline_s``. The
+    group cannot go on (its process group is broken or stuck): the driver restarts it from a checkpoint."""
+
+    def __init__(self, role: str, message: str):
+        super().__init__(message)
+        self.role = role
+
+
 class ActorGroup:
     """``size`` actors of ``cls``, one placement-group bundle each (``bundle``: e.g. {"CPU": 1, "GPU": 1}).
 
     ``make_kwargs(rank)`` gives each actor's constructor arguments. Actors that may be restarted by Ray
-    (``max_restarts`` > 0) have calls that died with them retried by :meth:`map` up to ``retries`` times.
+    (``max_restarts`` > 0) have calls that died with them retried by :meth:`map` up to ``retries`` times. A call
+    running longer than ``deadline_s`` (0 = none) gets its actor killed and, like a death, restarted and retried.
     """
 
     def __init__(self, role: str, cls: type, size: int, bundle: dict[str, float],
                  make_kwargs: Callable[[int], dict], *, env: dict[str, str] | None = None,
-                 strategy: str = "PACK", max_restarts: int = 0, retries: int = 0, ready_timeout_s: float = 600):
-        self.role, self.cls, self.retries, self.restarts, self._reported = role, cls, retries, 0, 0
-        self.ready_timeout_s = ready_timeout_s
+                 strategy: str = "PACK", max_restarts: int = 0, retries: int = 0, ready_timeout_s: float = 600,
+                 deadline_s: float = 0.0):
+        self.role, self.cls, self.retries, self._pid_restarts, self._reported = role, cls, retries, 0, (0, 0)
+        self.ready_timeout_s, self.deadline_s = ready_timeout_s, deadline_s
+        self.deadlines = 0  # calls killed past their deadline
+        self.interrupt: threading.Event | None = None  # set (by the driver) = stop waiting in map()
         bundle = {k: v for k, v in bundle.items() if v}
         self.actors: list = []
         self.pg = placement_group([dict(bundle)] * size, strategy=strategy, name=f"chorus-{role}")
@@ -60,8 +78,27 @@ class ActorGroup:
 
     def all(self, call: Callable[[ActorHandle], ObjectRef]) -> list[Any]:
         """``call(actor)`` on every actor, e.g. ``group.all(lambda a: a.save_weights.remote(path))``; results in
-        actor order. For collective work (learner ranks): no retry."""
-        return ray.get([call(a) for a in self.actors])
+        actor order. For collective work (learner ranks): no retry (see :meth:`get`)."""
+        return self.get([call(a) for a in self.actors])
+
+    def get(self, refs: list[ObjectRef]) -> list[Any]:
+        """The results of collective work submitted to this group. A dead rank raises :class:`GroupFailed` at once
+        (its peers would wait in a collective for it), and so does the work running past ``deadline_s``."""
+        deadline = time.monotonic() + self.deadline_s if self.deadline_s else None
+        waiting = list(refs)
+        while waiting:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, waiting = ray.wait(waiting, num_returns=1, timeout=timeout)
+            if not ready:
+                self.deadlines += 1
+                raise GroupFailed(self.role, f"{self.role}: {len(waiting)} of {len(refs)} ranks were still working "
+                                             f"after {self.role}.deadline_s = {self.deadline_s:g}s")
+            try:
+                ray.get(ready[0])
+            except (RayActorError, ActorUnavailableError) as exc:
+                raise GroupFailed(self.role, f"{self.role}: a rank died ({type(exc).__name__}: "
+                                             f"{str(exc).splitlines()[0]})") from exc
+        return ray.get(refs)
 
     def submit(self, call: Callable[[ActorHandle, Any], ObjectRef], shards: list) -> list[ObjectRef]:
         """``call(actor i, shards[i])`` on every actor, without waiting: collective work (one shard per rank, no
@@ -72,31 +109,54 @@ class ActorGroup:
 
     def map(self, call: Callable[[ActorHandle, Any], ObjectRef], shards: list,
             on_pending: Callable[[int], None] | None = None) -> list[Any]:
-        """``call(actor, shards[i])`` on actor ``i % size``; results in shard order. A shard whose actor died is
-        resubmitted once Ray has restarted the actor, up to ``retries`` times; ``restarts`` counts the new
-        processes seen."""
+        """``call(actor, shards[i])`` on actor ``i % size``; results in shard order. A shard whose actor died, or ran
+        past ``deadline_s`` (its actor is then killed), is resubmitted once Ray has restarted the actor, up to
+        ``retries`` times. Raises :class:`Interrupted` soon after ``interrupt`` is set."""
         def submit(i: int) -> ObjectRef:
+            started[i] = time.monotonic()
             return call(self.actors[i % len(self.actors)], shards[i])
 
+        started: dict[int, float] = {}
         refs = {i: submit(i) for i in range(len(shards))}
         results: dict[int, Any] = {}
         attempts = dict.fromkeys(refs, 0)
+
+        def retry(i: int, why: str, exc: BaseException | None = None) -> None:
+            attempts[i] += 1
+            k = i % len(self.actors)
+            if attempts[i] > self.retries:
+                raise RuntimeError(f"{self.role} actor {k} failed {attempts[i]} times on the same work; "
+                                   f"last: {why}") from exc
+            log.warning("%s actor %d: %s; retrying its work once it is back", self.role, k, why)
+            self._wait_until_back(k)
+            refs[i] = submit(i)
+
         while refs:
             if on_pending:
                 on_pending(len(refs))
-            ready, _ = ray.wait(list(refs.values()), num_returns=1)
+            if self.interrupt is not None and self.interrupt.is_set():
+                raise Interrupted(self.role)
+            ready, _ = ray.wait(list(refs.values()), num_returns=1, timeout=1.0)
+            if not ready:
+                now = time.monotonic()
+                late = [i for i in refs if self.deadline_s and now - started[i] > self.deadline_s]
+                for i in late:
+                    if i not in refs or now - started[i] <= self.deadline_s:  # resubmitted by an earlier kill
+                        continue
+                    self.deadlines += 1
+                    k = i % len(self.actors)
+                    log.error("%s actor %d: a call ran past %s.deadline_s = %gs; killing the actor", self.role, k,
+                              self.role, self.deadline_s)
+                    ray.kill(self.actors[k], no_restart=False)  # Ray starts a new process (max_restarts)
+                    for j in [j for j in refs if j % len(self.actors) == k]:  # every call on it died with it
+                        refs.pop(j)
+                        retry(j, f"killed past its deadline ({self.deadline_s:g}s)")
+                continue
             i = next(k for k, r in refs.items() if r == ready[0])
             try:
                 results[i] = ray.get(refs.pop(i))
             except (RayActorError, ActorUnavailableError) as exc:
-                attempts[i] += 1
-                if attempts[i] > self.retries:
-                    raise RuntimeError(f"{self.role} actor {i % len(self.actors)} failed {attempts[i]} times "
-                                       f"on the same work: {exc}") from exc
-                log.warning("%s actor %d failed (%s); retrying its work once it is back", self.role,
-                            i % len(self.actors), exc)
-                self._wait_until_back(i % len(self.actors))
-                refs[i] = submit(i)
+                retry(i, f"failed ({exc})", exc)
         if on_pending:
             on_pending(0)
         return [results[i] for i in range(len(shards))]
@@ -116,11 +176,24 @@ class ActorGroup:
                 time.sleep(0.5)
         if pid != self.pids[k]:
             self.pids[k] = pid
-            self.restarts += 1
+            self._pid_restarts += 1
 
-    def take_restarts(self) -> int:
-        """Restarts since the last call (for a counter metric)."""
-        new, self._reported = self.restarts - self._reported, self.restarts
+    @property
+    def restarts(self) -> int:
+        """Processes Ray restarted for this group's actors, from the cluster's actor table (so a restart between
+        two calls counts too); the new processes seen by calls if that table cannot be read."""
+        try:
+            from ray._private import state  # the GCS actor table; ray.util.state needs the dashboard
+
+            return sum(int(state.actors(actor_id=a._actor_id.hex()).get("NumRestarts", 0)) for a in self.actors)
+        except Exception:  # noqa: BLE001 - a private API: fall back to what the calls saw
+            return self._pid_restarts
+
+    def take_counts(self) -> tuple[int, int]:
+        """(restarts, deadlines exceeded) since the last call, for counter metrics."""
+        restarts, deadlines = self.restarts, self.deadlines
+        new = (max(0, restarts - self._reported[0]), deadlines - self._reported[1])
+        self._reported = (max(restarts, self._reported[0]), deadlines)
         return new
 
     def shutdown(self, timeout_s: float = 60) -> None:

@@ -117,6 +117,23 @@ class Metrics:
         self.phase.labels("eval").set(seconds)
         self.phase_total.labels("eval").inc(seconds)
 
+    def counters(self) -> list[list]:
+        """Every counter's value, ``[[name, {labels}, value], ...]``: what a checkpoint keeps so that a resumed run's
+        counters go on from where they were."""
+        out = []
+        for metric in self.registry.collect():
+            if metric.type == "counter":
+                out += [[s.name, s.labels, s.value] for s in metric.samples if s.name.endswith("_total")]
+        return out
+
+    def restore_counters(self, values: list[list]) -> None:
+        """Add a checkpoint's counter values (on a fresh endpoint, where every counter is 0)."""
+        by_name = {f"{c._name}_total": c for c in vars(self).values() if isinstance(c, Counter)}
+        for name, labels, value in values:
+            counter = by_name.get(name)
+            if counter is not None and value:
+                (counter.labels(**labels) if labels else counter).inc(value)
+
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/metrics"
@@ -129,10 +146,42 @@ class Metrics:
 
 
 class JsonlLog:
-    """One JSON object per step, appended and flushed so a crash loses at most the line being written."""
+    """One JSON object per step, appended and flushed so a crash loses at most the line being written.
 
-    def __init__(self, path: Path):
-        self.f = path.open("x", encoding="utf-8")  # a run dir holds one run
+    ``resume_step``: the run continues from a checkpoint of that many steps; the records of later steps (done after
+    the checkpoint, and redone now) move to ``metrics.rolled_back.jsonl`` beside the log, so each step has one line.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        if resume_step is None:
+            self.f = path.open("x", encoding="utf-8")  # a run dir holds one run
+        else:
+            self.f = None
+            self.rollback(resume_step)
+
+    def rollback(self, step: int) -> int:
+        """Keep the records of steps before ``step``; move the others (and a half-written last line) aside.
+        Returns how many moved."""
+        if self.f is not None:
+            self.f.close()
+        keep, moved = [], []
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                    ok = record["step"] < step and not record.get("final")
+                except (ValueError, KeyError, TypeError):
+                    ok = False
+                (keep if ok else moved).append(line)
+        if moved:
+            with self.path.with_name("metrics.rolled_back.jsonl").open("a", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in moved))
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        tmp.replace(self.path)
+        self.f = self.path.open("a", encoding="utf-8")
+        return len(moved)
 
     def write(self, record: dict) -> None:
         self.f.write(json.dumps(record) + "\n")

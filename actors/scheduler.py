@@ -67,7 +67,11 @@ class Scheduler:
         return StepPlan(step=step, prompt_ids=prompt_ids, expert_ids=expert_ids, mu=mu)
 
     def state(self) -> dict:
+        """The data cursors (a checkpoint's part of the scheduler: mu and the plan are functions of the step)."""
         return {"prompts": vars(self.prompts).copy(), "expert": vars(self.expert).copy()}
+
+    def load_state(self, state: dict) -> None:
+        self.prompts, self.expert = Cursor(**state["prompts"]), Cursor(**state["expert"])
 
 
 def drop_failed_groups(scored: list[Scored], group_size: int) -> tuple[list[int], list[int]]:

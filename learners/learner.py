@@ -111,6 +111,39 @@ class DeepSpeedRank:
         """The process id: a new one after Ray restarts the actor."""
         return os.getpid()
 
+    # --- checkpoints ------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Every rank writes its part of the DeepSpeed state (module, ZeRO optimiser partition, lr scheduler) and its
+        RNG states into ``directory`` (a collective: all ranks call it)."""
+        from safetensors.torch import save_file
+
+        torch = self.torch
+        self.engine.save_checkpoint(directory, tag="state", save_latest=False)
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, os.path.join(directory, f"rng-rank{self.rank}.safetensors"))
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Restore what :meth:`save_checkpoint` wrote (same world size). DeepSpeed reads its own files with pickle: a
+        checkpoint is the run's own output, never user- or model-made data."""
+        from safetensors.torch import load_file
+
+        torch = self.torch
+        rng_file = os.path.join(directory, f"rng-rank{self.rank}.safetensors")
+        if not os.path.isfile(rng_file):
+            raise FileNotFoundError(f"{rng_file} is missing: the checkpoint was written by another number of ranks "
+                                    f"than {self.world_size}, or is incomplete")
+        path, _ = self.engine.load_checkpoint(directory, tag="state", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"{directory}: no DeepSpeed state to load")
+        rng = load_file(rng_file)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+
 
 class LearnerActor(DeepSpeedRank):
     """The policy. With ``reference`` it also holds a frozen copy of the initial model (the colocated reference)."""

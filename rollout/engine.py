@@ -50,11 +50,15 @@ class VLLMBackend:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(
-            n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_new_tokens,
-            logprobs=0,  # the sampled token's own log-probability, nothing more
-        )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        def params(i: int) -> SamplingParams:
+            return SamplingParams(
+                n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_new_tokens,
+                logprobs=0,  # the sampled token's own log-probability, nothing more
+                seed=None if spec.seed is None else spec.seed + i * spec.n,  # vLLM seeds sample j with + j
+            )
+
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                                    [params(i) for i in range(len(prompts))], use_tqdm=False)
         completions = []
         for i, out in enumerate(outputs):
             for c in out.outputs:
@@ -95,7 +99,8 @@ class HFBackend:
         pad = tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)  # left pad
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        torch.manual_seed(self.generator_seed * 1_000_003 + self.calls)
+        # one generator for the batch: the same request (prompts and seed) gives the same samples
+        torch.manual_seed(spec.seed if spec.seed is not None else self.generator_seed * 1_000_003 + self.calls)
         self.calls += 1
         greedy = spec.temperature == 0
         with torch.no_grad():

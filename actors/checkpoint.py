@@ -1,0 +1,128 @@
+"""Checkpoints on disk: their layout, finding the newest complete one, what may change on resume.
+
+A checkpoint is a directory ``CHECKPOINT_DIR/step-00000100`` (the training steps it holds, 8 digits), written as
+``.tmp-step-00000100`` and renamed into place once whole, so a directory named ``step-*`` is always complete:
+
+    trainer.json        step, policy version, scheduler cursors, counters, data sizes (written last)
+    config.yaml         the config of the run that wrote it
+    model/              the policy in Hugging Face format (safetensors + tokenizer): loadable by transformers, vLLM
+    learner/            DeepSpeed state of every learner rank (module, ZeRO optimiser partitions, lr scheduler) and
+                        each rank's RNG state (safetensors)
+    critic/             the same for the PPO critic (algo.advantage = gae)
+    rollouts.msgpack    async mode: the scored rollouts of the next steps, generated before the checkpoint
+
+Every random draw of the driver is derived from (train.seed, step), so the scheduler's cursors and the step are
+all of its state; sampling is seeded per request (``SamplingSpec.seed``), so a fresh engine samples what the old
+one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import msgpack
+import torch
+from omegaconf import OmegaConf
+
+from actors.config import ChorusConfig, ConfigError
+from actors.scheduler import StepPlan
+from rollout.types import Completion, Scored
+
+NAME = re.compile(r"step-(\d{8})")
+
+# Config keys a resumed run may change: sizes of the stateless pools, limits, and where things go. Anything else
+# (the model, data, algorithm, optimiser, learner world size) is part of what the checkpoint's state means.
+RESUMABLE = ("train.steps", "train.eval_every", "train.eval_max_rows", "train.max_learner_failures",
+             "checkpoint.", "ray.", "metrics.", "data.on_bad_row",
+             "rollout.num_actors", "rollout.num_cpus", "rollout.num_threads", "rollout.kv_cache_gib",
+             "rollout.gpu_memory_utilization", "rollout.deadline_s",
+             "reward.num_actors", "reward.num_cpus", "reward.timeout_s", "reward.deadline_s",
+             "learner.num_cpus", "learner.num_threads", "learner.deadline_s",
+             "critic.num_cpus", "critic.num_threads", "critic.deadline_s",
+             "reference.num_actors", "reference.num_cpus", "reference.num_threads")
+
+
+def complete(root: Path) -> list[Path]:
+    """The complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and NAME.fullmatch(p.name))
+
+
+def newest(root: Path) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint and its trainer state, or None. One that cannot be read stops the run at
+    start (resuming from an older one silently would redo steps the user may not expect to lose)."""
+    found = complete(root)
+    if not found:
+        return None
+    path = found[-1]
+    try:
+        state = json.loads((path / "trainer.json").read_text())
+        for key in ("step", "version", "plan_from", "scheduler", "data"):
+            state[key]  # noqa: B018 - a KeyError names what is missing
+        for part in ("learner", "model", "config.yaml"):
+            if not (path / part).exists():
+                raise FileNotFoundError(f"{part} is missing")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        older = f"move it aside to resume from {found[-2].name}" if len(found) > 1 else "move it aside"
+        raise ConfigError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}): {older}, or start a "
+                          f"new --run-dir") from None
+    return path, state
+
+
+def check_resumable(cfg: ChorusConfig, checkpoint: Path) -> None:
+    """The config of a resumed run may differ from the one that wrote the checkpoint only in :data:`RESUMABLE`."""
+    from actors.config import load_config
+
+    then = _flat(OmegaConf.to_container(OmegaConf.structured(load_config(checkpoint / "config.yaml"))))
+    now = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    changed = sorted(k for k in then.keys() | now.keys()
+                     if then.get(k) != now.get(k) and not k.startswith(RESUMABLE))
+    if changed:
+        diffs = "; ".join(f"'{k}' was {then.get(k)!r}, now {now.get(k)!r}" for k in changed[:8])
+        raise ConfigError(f"config keys changed since checkpoint {checkpoint.name} was written: {diffs}. Resume with "
+                          f"the run's values (they are in {checkpoint / 'config.yaml'}), or start a new --run-dir")
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "args":  # a reward's args compare whole
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def prune(root: Path, keep: int, *, current: Path) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints, and temporary ones other than ``current``'s."""
+    for old in complete(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in root.glob(".tmp-step-*"):
+        if tmp != current:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- rollouts of steps not trained yet (async mode) ----------------------------------------------------------
+
+def pack_rollouts(items: list) -> bytes:
+    """:class:`actors.driver.Rollouts` as msgpack (model output: never pickle)."""
+    return msgpack.packb([
+        {"plan": asdict(r.plan), "rows": [[p, asdict(c)] for p, c in r.rows], "rewards": r.rewards.tolist(),
+         "scored": [asdict(s) for s in r.scored], "version": r.version, "phase": r.phase, "dropped": r.dropped}
+        for r in items], use_bin_type=True)
+
+
+def unpack_rollouts(data: bytes) -> list:
+    from actors.driver import Rollouts
+
+    return [Rollouts(plan=StepPlan(**d["plan"]), rows=[(p, Completion(**c)) for p, c in d["rows"]],
+                     rewards=torch.tensor(d["rewards"], dtype=torch.float32),
+                     scored=[Scored(**s) for s in d["scored"]], version=d["version"], phase=d["phase"],
+                     dropped=d["dropped"])
+            for d in msgpack.unpackb(data, raw=False)]

@@ -1,0 +1,127 @@
+"""Checkpoint bookkeeping without a cluster: which directory is the newest complete checkpoint, what an unreadable
+one says, which config changes a resume accepts, the metrics log's rollback, the counters' and the pending
+rollouts' round trips. The DeepSpeed state itself is tested on the real stack (tests/integration/
+test_fault_tolerance.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors import checkpoint as ckpt
+from actors.config import ConfigError, load_config, to_yaml
+from actors.driver import Rollouts
+from actors.metrics import JsonlLog, Metrics
+from actors.scheduler import Scheduler, StepPlan
+from rollout.types import Completion, Scored
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _write(root: Path, step: int, cfg=None, **state) -> Path:
+    path = root / f"step-{step:08d}"
+    (path / "learner").mkdir(parents=True)
+    (path / "model").mkdir()
+    (path / "config.yaml").write_text(to_yaml(cfg or load_config(ROOT / "configs" / "smoke.yaml")))
+    state = {"step": step, "version": step, "plan_from": step, "scheduler": {}, "data": {}, "time": 0.0, **state}
+    (path / "trainer.json").write_text(json.dumps(state))
+    return path
+
+
+def test_newest_complete_checkpoint_ignores_temporary_ones(tmp_path):
+    assert ckpt.newest(tmp_path / "none") is None
+    _write(tmp_path, 4)
+    _write(tmp_path, 8)
+    (tmp_path / ".tmp-step-00000012" / "learner").mkdir(parents=True)  # a checkpoint cut short by a kill
+    (tmp_path / "step-12").mkdir()  # not a name the trainer writes
+    path, state = ckpt.newest(tmp_path)
+    assert path.name == "step-00000008" and state["step"] == 8
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda p: (p / "trainer.json").write_text('{"step": 8, "vers'), "JSONDecodeError"),
+    (lambda p: (p / "trainer.json").write_text('{"step": 8}'), "KeyError: 'version'"),
+    (lambda p: (p / "trainer.json").unlink(), "FileNotFoundError"),
+    (lambda p: (p / "learner").rmdir(), "learner is missing"),
+])
+def test_an_unreadable_newest_checkpoint_stops_the_start_naming_it(tmp_path, damage, named):
+    _write(tmp_path, 4)
+    damage(_write(tmp_path, 8))
+    with pytest.raises(ConfigError) as err:
+        ckpt.newest(tmp_path)
+    message = str(err.value)
+    assert str(tmp_path / "step-00000008") in message and named in message
+    assert "move it aside to resume from step-00000004" in message
+
+
+def test_resume_accepts_sizes_and_limits_but_not_the_algorithm(tmp_path):
+    path = _write(tmp_path, 4)
+    smoke = ROOT / "configs" / "smoke.yaml"
+    ckpt.check_resumable(load_config(smoke, ["train.steps=300", "rollout.num_actors=2", "rollout.deadline_s=60",
+                                             "checkpoint.every=10", "metrics.port=9400"]), path)
+    with pytest.raises(ConfigError) as err:
+        ckpt.check_resumable(load_config(smoke, ["learner.lr=0.1", "train.steps=300"]), path)
+    assert "'learner.lr' was 0.002, now 0.1" in str(err.value) and "train.steps" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"'reward.functions' was"):
+        ckpt.check_resumable(load_config(smoke, ["reward.functions=[{name: char_match}]"]), path)
+
+
+def test_metrics_log_rollback_moves_later_records_and_a_cut_line_aside(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": s / 10}) for s in range(6)] + ['{"step": 6, "lo']  # killed mid-write
+    path.write_text("\n".join(lines))
+    log = JsonlLog(path, resume_step=4)
+    log.write({"step": 4, "loss": 0.25})
+    log.close()
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1, 2, 3, 4]
+    assert (tmp_path / "metrics.rolled_back.jsonl").read_text().splitlines() == lines[4:]
+    with pytest.raises(FileExistsError):  # without a resume, a run dir holds one run
+        JsonlLog(path)
+
+
+def test_counters_go_on_from_a_checkpoint():
+    first, second = Metrics("127.0.0.1", 0), Metrics("127.0.0.1", 0)
+    try:
+        first.samples.inc(320)
+        first.restarts.labels("rollout").inc(2)
+        first.phase_total.labels("train").inc(1.5)
+        second.restore_counters(first.counters())
+        assert second.counters() == first.counters()
+        assert second.samples._value.get() == 320 and second.restarts.labels("rollout")._value.get() == 2
+    finally:
+        first.close()
+        second.close()
+
+
+def test_pending_rollouts_round_trip_exactly():
+    logprobs = [-0.1234567890123, -2.5e-9]
+    r = Rollouts(plan=StepPlan(step=5, prompt_ids=[3, 9], expert_ids=[1], mu=0.25),
+                 rows=[([1, 2], Completion(0, [7, 8], logprobs, "ab", "stop"))],
+                 rewards=torch.tensor([0.1, 1 / 3]), scored=[Scored(0.1, {"exact_match": 0.1}, ["judge"])],
+                 version=4, phase={"generate": 0.5}, dropped=[9])
+    (back,) = ckpt.unpack_rollouts(ckpt.pack_rollouts([r]))
+    assert back.plan == r.plan and back.rows == r.rows and back.rows[0][1].logprobs == logprobs
+    assert torch.equal(back.rewards, r.rewards) and back.rewards.dtype == torch.float32
+    assert (back.scored, back.version, back.phase, back.dropped) == (r.scored, 4, {"generate": 0.5}, [9])
+
+
+def test_scheduler_state_restores_the_same_plans():
+    cfg = load_config(ROOT / "configs" / "smoke.yaml").algo
+    a = Scheduler(cfg, 8, 50, 40, seed=3)
+    for step in range(7):  # past an epoch of both sets
+        a.plan(step)
+    b = Scheduler(cfg, 8, 50, 40, seed=3)
+    b.load_state(json.loads(json.dumps(a.state())))  # through trainer.json
+    assert [a.plan(s) for s in range(7, 12)] == [b.plan(s) for s in range(7, 12)]
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    for step in (4, 8, 12):
+        _write(tmp_path, step)
+    stale = tmp_path / ".tmp-step-00000006"
+    stale.mkdir()
+    ckpt.prune(tmp_path, 2, current=tmp_path / ".tmp-step-00000012")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000008", "step-00000012"]
