@@ -13,7 +13,6 @@ from actors.config import load_config, to_yaml
 from actors.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-NOW = time.time()
 
 
 def _record(step: int, seconds: float, samples: int, **extra) -> dict:
@@ -36,15 +35,15 @@ def run_dir(tmp_path) -> Path:
     records[24]["reward_mean"] = None
     lines = [json.dumps(r) for r in records] + ['{"step": 25, "mu": 0.1, "reward_m']  # the crash's half line
     (run / "metrics.jsonl").write_text("\n".join(lines))
-    ckpts = run / "checkpoints"
+    ckpts, now = run / "checkpoints", time.time()
     for name in ("step-00000010", "step-00000020", "step-00000024", ".tmp-step-00000025"):
         (ckpts / name).mkdir(parents=True)
     (ckpts / "step-00000010" / "trainer.json").write_text(
-        json.dumps({"step": 10, "time": NOW - 7200, "reason": "periodic"}))
+        json.dumps({"step": 10, "time": now - 7200, "reason": "periodic"}))
     (ckpts / "step-00000020" / "trainer.json").write_text(
-        json.dumps({"step": 20, "time": NOW - 600, "reason": "periodic"}))
+        json.dumps({"step": 20, "time": now - 600, "reason": "periodic"}))
     (ckpts / "step-00000024" / "trainer.json").write_text('{"step": 24, "ti')  # unreadable
-    (ckpts / ".tmp-step-00000025" / "trainer.json").write_text(json.dumps({"step": 25, "time": NOW}))
+    (ckpts / ".tmp-step-00000025" / "trainer.json").write_text(json.dumps({"step": 25, "time": now}))
     return run
 
 
@@ -94,7 +93,7 @@ def test_finished_run_and_checkpoint_dir_from_config(tmp_path, capsys):
         _record(0, 10.0, 4), _record(1, 20.0, 2, eval_accuracy=0.5), {"step": 2, "eval_accuracy": 0.625,
                                                                        "final": True}]) + "\n")
     (elsewhere / "step-00000002").mkdir(parents=True)
-    (elsewhere / "step-00000002" / "trainer.json").write_text(json.dumps({"step": 2, "time": NOW, "reason": "final"}))
+    (elsewhere / "step-00000002" / "trainer.json").write_text(json.dumps({"step": 2, "time": time.time(), "reason": "final"}))
     s = _json(capsys, str(run))
     assert s["finished"] and s["steps_done"] == 2 and s["percent"] == 100.0 and s["eta_s"] is None
     assert s["rates"]["steps_per_min"] == pytest.approx(60 * 2 / 30)  # the final line is no step
