@@ -89,11 +89,12 @@ def test_finished_run_and_checkpoint_dir_from_config(tmp_path, capsys):
     run.mkdir()
     cfg = load_config(ROOT / "configs" / "cluster_7b.yaml", ["train.steps=2", f"checkpoint.dir={elsewhere}"])
     (run / "config.yaml").write_text(to_yaml(cfg))
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        _record(0, 10.0, 4), _record(1, 20.0, 2, eval_accuracy=0.5), {"step": 2, "eval_accuracy": 0.625,
-                                                                       "final": True}]) + "\n")
+    records = [_record(0, 10.0, 4), _record(1, 20.0, 2, eval_accuracy=0.5),
+               {"step": 2, "eval_accuracy": 0.625, "final": True}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     (elsewhere / "step-00000002").mkdir(parents=True)
-    (elsewhere / "step-00000002" / "trainer.json").write_text(json.dumps({"step": 2, "time": time.time(), "reason": "final"}))
+    state = {"step": 2, "time": time.time(), "reason": "final"}
+    (elsewhere / "step-00000002" / "trainer.json").write_text(json.dumps(state))
     s = _json(capsys, str(run))
     assert s["finished"] and s["steps_done"] == 2 and s["percent"] == 100.0 and s["eta_s"] is None
     assert s["rates"]["steps_per_min"] == pytest.approx(60 * 2 / 30)  # the final line is no step
