@@ -2,6 +2,7 @@
 
     chorus train CONFIG.yaml [--run-dir DIR [--resume]] [key=value ...]
     chorus reward score NAME_OR_MODULE:FUNCTION FILE.jsonl [--args JSON]
+    chorus status RUN_DIR [--json] [--url URL]
 """
 
 from __future__ import annotations
@@ -101,6 +102,16 @@ def _score_rows(actor, rows: list[dict], batch: int) -> None:
             print(json.dumps(out), flush=True)
 
 
+def _status(args: argparse.Namespace) -> int:
+    from actors.status import StatusError, main as status_main
+
+    try:
+        return status_main(args.run_dir, args.url, args.json)
+    except StatusError as exc:
+        print(f"chorus: status: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chorus", description="Mixed SFT + RL post-training on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--timeout", type=float, default=60.0, help="seconds per batch before the reward fails")
     score.add_argument("--batch", type=int, default=64, help="rows per reward call")
     score.set_defaults(func=_reward_score)
+    status = sub.add_parser("status", help="where a run is: progress, rates, checkpoints, live counters")
+    status.add_argument("run_dir", nargs="?", default="", help="the run's --run-dir")
+    status.add_argument("--url", default="", help="scrape this /metrics endpoint (default: RUN_DIR/metrics_url); "
+                                                 "alone, without a run dir, report on the endpoint only")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(func=_status)
     args, extra = parser.parse_known_args(argv)  # key=value overrides may come after --run-dir too
     unknown = [a for a in extra if "=" not in a or a.startswith("-") or args.command != "train"]
     if unknown:
