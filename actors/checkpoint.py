@@ -39,7 +39,7 @@ NAME = re.compile(r"step-(\d{8})")
 RESUMABLE = ("train.steps", "train.eval_every", "train.eval_max_rows", "train.max_learner_failures",
              "checkpoint.", "ray.", "metrics.", "data.on_bad_row",
              "rollout.num_actors", "rollout.num_cpus", "rollout.num_threads", "rollout.kv_cache_gib",
-             "rollout.gpu_memory_utilization", "rollout.deadline_s",
+             "rollout.gpu_memory_utilization", "rollout.deadline_s", "rollout.sync_dir",
              "reward.num_actors", "reward.num_cpus", "reward.timeout_s", "reward.deadline_s",
              "learner.num_cpus", "learner.num_threads", "learner.deadline_s",
              "critic.num_cpus", "critic.num_threads", "critic.deadline_s",

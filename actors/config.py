@@ -76,6 +76,8 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5  # vLLM on GPU
     deadline_s: float = 1800.0  # one actor's generate call; past it the actor is killed, restarted and its work
     #                             retried (0 = no deadline)
+    sync_dir: str = ""  # where learner rank 0 hands weights to the engines: "" = node-local /dev/shm (learner rank 0
+    #                     and every engine on one node); a directory every node sees (shared storage) = multi-node
 
 
 @dataclass

@@ -138,7 +138,9 @@ class Trainer:
             (self.run_dir / "metrics_url").write_text(self.metrics.url + "\n")
             self.log = JsonlLog(self.run_dir / "metrics.jsonl", self.start_step if resume else None)
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # weight hand-off in memory, not on disk
-            self.sync_dir = Path(tempfile.mkdtemp(prefix="chorus-sync-", dir=shm))
+            if cfg.rollout.sync_dir:  # shared storage: engines on other nodes than learner rank 0 read it too
+                Path(cfg.rollout.sync_dir).mkdir(parents=True, exist_ok=True)
+            self.sync_dir = Path(tempfile.mkdtemp(prefix="chorus-sync-", dir=cfg.rollout.sync_dir or shm))
             self._start_ray()
             self._start_actors()
             self.loads: deque[Future] = deque()  # async: weight loads queued on the worker (checked: none is lost)
@@ -370,6 +372,9 @@ class Trainer:
         final, tmp = self.ckpt_root / name, self.ckpt_root / f".tmp-{name}"
         if final.exists():  # a checkpoint of this step is in place (e.g. the one a failed group restarted from)
             return final
+        if self.version != steps_done:  # the learners' state is of another step: never write that as step N
+            raise RuntimeError(f"checkpoint of step {steps_done} asked while the learners hold policy version "
+                               f"{self.version}")
         t = time.perf_counter()
         ready = []
         for _, future in self.pending:  # steps steps_done, steps_done + 1, ... in order
@@ -751,11 +756,11 @@ class Trainer:
         return nbytes * len(self.rollouts)
 
     def _save_weights(self) -> tuple[str, int]:
-        """Learner rank 0 writes this policy version to shared memory (one file per version: in async mode the
+        """Learner rank 0 writes this policy version to ``sync_dir`` (one file per version: in async mode the
         engines may still be loading the previous one). Returns the path and its size.
 
-        The file is node-local: engines on other nodes than learner rank 0 cannot read it (multi-node sync by
-        NCCL broadcast is designed with the GPU work, not here)."""
+        By default that is node-local shared memory, which engines on other nodes than learner rank 0 cannot read;
+        ``rollout.sync_dir`` on shared storage makes it multi-node (through the file system, not NCCL)."""
         path = weights_file(self.sync_dir, self.version)
         nbytes = self.learners.all(lambda a: a.save_weights.remote(path))[0]
         self.metrics.sync_bytes.inc(nbytes * len(self.rollouts))
@@ -766,7 +771,8 @@ class Trainer:
         the newest file when it starts (``RolloutActor(weights_dir=...)``), so it never generates with weights older
         than its peers'."""
         t = time.perf_counter()
-        self.rollouts.map(lambda a, p: a.load_weights.remote(p), [path] * len(self.rollouts))
+        # not interruptible: it follows a step that trained, which must finish (and be logged) when stopping
+        self.rollouts.map(lambda a, p: a.load_weights.remote(p), [path] * len(self.rollouts), interruptible=False)
         self.engine_version = int(Path(path).stem.rsplit("-", 1)[1])
         for old in self.sync_dir.glob("weights-*.safetensors"):
             if old.name < Path(path).name:

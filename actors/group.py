@@ -108,10 +108,10 @@ class ActorGroup:
         return [call(a, shard) for a, shard in zip(self.actors, shards)]
 
     def map(self, call: Callable[[ActorHandle, Any], ObjectRef], shards: list,
-            on_pending: Callable[[int], None] | None = None) -> list[Any]:
+            on_pending: Callable[[int], None] | None = None, *, interruptible: bool = True) -> list[Any]:
         """``call(actor, shards[i])`` on actor ``i % size``; results in shard order. A shard whose actor died, or ran
         past ``deadline_s`` (its actor is then killed), is resubmitted once Ray has restarted the actor, up to
-        ``retries`` times. Raises :class:`Interrupted` soon after ``interrupt`` is set."""
+        ``retries`` times. Raises :class:`Interrupted` soon after ``interrupt`` is set, if ``interruptible``."""
         def submit(i: int) -> ObjectRef:
             started[i] = time.monotonic()
             return call(self.actors[i % len(self.actors)], shards[i])
@@ -134,7 +134,7 @@ class ActorGroup:
         while refs:
             if on_pending:
                 on_pending(len(refs))
-            if self.interrupt is not None and self.interrupt.is_set():
+            if interruptible and self.interrupt is not None and self.interrupt.is_set():
                 raise Interrupted(self.role)
             ready, _ = ray.wait(list(refs.values()), num_returns=1, timeout=1.0)
             if not ready:

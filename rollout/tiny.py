@@ -77,5 +77,7 @@ def ensure_model(path: str, build: str) -> str:
             build_model(build, target)
         return str(target)
     if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"model.path '{path}': no Hugging Face model (config.json) there")
+        what = "does not exist" if not Path(path).exists() else "holds no config.json"
+        raise FileNotFoundError(f"config key 'model.path': '{path}' {what}: set it to a Hugging Face model directory "
+                                f"(config.json, weights, tokenizer) that this machine mounts, or use model.build")
     return path

@@ -45,7 +45,41 @@ def test_malformed_data_row_names_file_and_line(capsys, tmp_path):
 
 def test_missing_model_dir_is_a_config_error(capsys, tmp_path):
     err = _run(capsys, SMOKE, "--run-dir", str(tmp_path / "run"), "model.build=''", f"model.path={tmp_path}/nope")
-    assert "model.path" in err and "nope" in err
+    assert "model.path" in err and f"'{tmp_path}/nope' does not exist" in err and "set it to a Hugging Face" in err
+
+
+def _run_dir_with_checkpoint(tmp_path: Path) -> Path:
+    """A run dir as a killed run leaves it: metrics.jsonl, and a checkpoint of step 4 written with smoke.yaml."""
+    from actors.config import load_config, to_yaml
+
+    run = tmp_path / "run"
+    path = run / "checkpoints" / "step-00000004"
+    (path / "learner").mkdir(parents=True)
+    (path / "model").mkdir()
+    (path / "config.yaml").write_text(to_yaml(load_config(SMOKE)))
+    (path / "trainer.json").write_text('{"step": 4, "version": 4, "plan_from": 4, "scheduler": {}, "data": {}}')
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')
+    return run
+
+
+def test_a_run_dir_holding_a_run_needs_resume(capsys, tmp_path):
+    run = _run_dir_with_checkpoint(tmp_path)
+    err = _run(capsys, SMOKE, "--run-dir", str(run))
+    assert "already holds a run" in err and "--resume" in err
+    assert "--resume needs --run-dir" in _run(capsys, SMOKE, "--resume")
+
+
+def test_resume_with_a_changed_algorithm_names_the_key(capsys, tmp_path):
+    run = _run_dir_with_checkpoint(tmp_path)
+    err = _run(capsys, SMOKE, "--run-dir", str(run), "--resume", "algo.clip_eps=0.3", "train.steps=400")
+    assert "'algo.clip_eps' was 0.2, now 0.3" in err and "step-00000004" in err and "train.steps" not in err
+
+
+def test_resume_from_an_unreadable_checkpoint_names_it(capsys, tmp_path):
+    run = _run_dir_with_checkpoint(tmp_path)
+    (run / "checkpoints" / "step-00000004" / "trainer.json").write_text("{\"step\": 4, ")  # cut short
+    err = _run(capsys, SMOKE, "--run-dir", str(run), "--resume")
+    assert f"checkpoint {run}/checkpoints/step-00000004 is unreadable (JSONDecodeError" in err
 
 
 def test_stray_arguments_are_refused(capsys):

@@ -211,6 +211,7 @@ def test_rayjob_runs_an_existing_config_with_resume_on_the_shared_volume():
     run_dir = args[args.index("--run-dir") + 1]
     assert run_dir.startswith("/ckpt/")
     assert cfg.checkpoint.dir == "" or cfg.checkpoint.dir.startswith("/ckpt/")  # storage every node sees
+    assert cfg.rollout.sync_dir.startswith("/ckpt/")  # engines on other nodes than learner rank 0 read the weights
     spec = RAYJOB["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] >= 1
     for group, _, pod in _pods():
