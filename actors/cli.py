@@ -32,6 +32,10 @@ def _train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     from actors.driver import Stopped, Trainer
 
+    def starting(*_):  # SIGTERM while the actors start: Trainer() stops what it started, and the run exits
+        raise SystemExit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, starting)
     trainer = Trainer(cfg, run_dir, resume=args.resume)
     # preemption (Kubernetes, Slurm, `kill`): checkpoint within checkpoint.grace_s, then exit 143
     signal.signal(signal.SIGTERM, lambda *_: trainer.request_stop("SIGTERM"))

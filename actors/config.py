@@ -302,6 +302,7 @@ _RULES = [
         "algo.lam")),
     ("algo.expert_ratio", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     ("algo.clip_eps", lambda v: v > 0, "> 0"),
+    ("checkpoint.grace_s", lambda v: v > 0, "> 0 (seconds to write the checkpoint after SIGTERM)"),
     ("algo.dual_clip", lambda v: v is None or v > 1.0, "> 1 (or null)"),
     ("algo.value_clip", lambda v: v is None or v > 0, "> 0 (or null)"),
     *((f"{k}.zero_stage", lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3") for k in ("learner", "critic")),

@@ -90,6 +90,14 @@ class Trainer:
                               f"it from its newest checkpoint, or choose another --run-dir")
         if found:
             ckpt.check_resumable(cfg, found[0])
+            if found[1]["step"] > cfg.train.steps:
+                raise ConfigError(f"config key 'train.steps': {cfg.train.steps} is fewer than the {found[1]['step']} "
+                                  f"steps checkpoint {found[0]} holds; resume with train.steps >= {found[1]['step']}")
+        elif resume and (self.run_dir / "metrics.jsonl").exists():
+            log.warning("--resume: no complete checkpoint in %s; the run starts again from step 0", self.ckpt_root)
+        if not resume and ckpt.complete(self.ckpt_root):  # another run's, e.g. a shared checkpoint.dir
+            raise ConfigError(f"checkpoint dir {self.ckpt_root} already holds checkpoints: pass --resume to continue "
+                              f"that run, or set checkpoint.dir to a directory of this run's own")
         self.start_step = found[1]["step"] if found else 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -110,7 +118,7 @@ class Trainer:
             raise ConfigError(str(exc)) from None
         self._load_data()
         if found:
-            sizes = {"prompts": len(self.prompts), "expert": len(self.expert), "eval": len(self.eval_rows)}
+            sizes = self._data_sizes()
             if sizes != found[1]["data"]:
                 raise ConfigError(f"data: the data sets now have {sizes} rows, {found[1]['data']} when checkpoint "
                                   f"{found[0]} was written; its cursors index those rows: resume with the same files")
@@ -133,8 +141,8 @@ class Trainer:
             for f in cfg.reward.functions:  # export zeros from the start, not only after a first failure
                 self.metrics.reward_failures.labels(f.name)
                 self.metrics.reward.labels(f.name)
-            for kind in ("prompts", "expert", "eval"):
-                self.metrics.skipped_rows.labels(kind).inc(len(self.skipped_rows.get(kind, ())))
+            for kind in ("prompts", "expert", "eval"):  # a resumed run has them in the checkpoint's counters
+                self.metrics.skipped_rows.labels(kind).inc(0 if found else len(self.skipped_rows.get(kind, ())))
             (self.run_dir / "metrics_url").write_text(self.metrics.url + "\n")
             self.log = JsonlLog(self.run_dir / "metrics.jsonl", self.start_step if resume else None)
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # weight hand-off in memory, not on disk
@@ -189,6 +197,10 @@ class Trainer:
             (tok(r["prompt"]).input_ids, tok(r["response"], add_special_tokens=False).input_ids + [tok.eos_token_id])
             for r in self.expert
         ]
+
+    def _data_sizes(self) -> dict[str, int]:
+        """Rows of the sets the scheduler's cursors index (a resume must find the same)."""
+        return {"prompts": len(self.prompts), "expert": len(self.expert)}
 
     def _start_ray(self) -> None:
         address = self.cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
@@ -325,7 +337,10 @@ class Trainer:
         bar.close()
         if self.stopping.is_set():
             raise Stopped(step, self.checkpoint(step, "sigterm"))
-        final = self._on_engines(self.evaluate)
+        try:
+            final = self._on_engines(self.evaluate)
+        except Interrupted:  # stopped during the final evaluation: every step is trained
+            raise Stopped(step, self.checkpoint(step, "sigterm")) from None
         for load in self.loads:  # async: every queued load ran before the final evaluation; none may have failed
             load.result()
         self.log.write({"step": cfg.steps, "eval_accuracy": final, "final": True})
@@ -386,8 +401,26 @@ class Trainer:
                 break  # stopping: keep the rollouts made before it
         plan_from = steps_done + len(ready)
         scheduler = self.plan_states[plan_from] if plan_from < self.planned else self.scheduler.state()
+        self._collect_counts()
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        try:
+            self._write_checkpoint(tmp, steps_done, plan_from, scheduler, ready, reason)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a checkpoint's worth of disk, never to be used
+            raise
+        os.sync()  # the files are on disk before the name says the checkpoint is complete
+        tmp.rename(final)
+        ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep, current=tmp)
+        seconds = time.perf_counter() - t
+        self.metrics.checkpoint_step.set(steps_done)
+        self.metrics.checkpoint_time.set(time.time())
+        self.metrics.checkpoint_seconds.set(seconds)
+        log.info("checkpoint %s (%s, %.1fs)", final, reason, seconds)
+        return final
+
+    def _write_checkpoint(self, tmp: Path, steps_done: int, plan_from: int, scheduler: dict, ready: list,
+                          reason: str) -> None:
         self.learners.all(lambda a: a.save_checkpoint.remote(str(tmp / "learner")))
         self.learners.all(lambda a: a.save_pretrained.remote(str(tmp / "model"), self.model_path))
         if self.critic is not None:
@@ -396,18 +429,9 @@ class Trainer:
             (tmp / "rollouts.msgpack").write_bytes(ckpt.pack_rollouts(ready))
         (tmp / "config.yaml").write_text(to_yaml(self.cfg))
         state = {"step": steps_done, "version": self.version, "plan_from": plan_from, "scheduler": scheduler,
-                 "data": {"prompts": len(self.prompts), "expert": len(self.expert), "eval": len(self.eval_rows)},
+                 "data": self._data_sizes(),
                  "counters": self.metrics.counters(), "reason": reason, "time": time.time()}
         (tmp / "trainer.json").write_text(json.dumps(state, indent=1) + "\n")
-        os.sync()  # the files are on disk before the name says the checkpoint is complete
-        tmp.rename(final)
-        ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep, current=tmp)
-        seconds = time.perf_counter() - t
-        self.metrics.checkpoint_step.set(steps_done)
-        self.metrics.checkpoint_time.set(state["time"])
-        self.metrics.checkpoint_seconds.set(seconds)
-        log.info("checkpoint %s (%s, %.1fs)", final, reason, seconds)
-        return final
 
     def _restore(self, path: Path, state: dict) -> None:
         """Load checkpoint ``path`` into the (running) learner groups, scheduler and engines."""
@@ -434,28 +458,38 @@ class Trainer:
 
     def _resync_engines(self) -> None:
         """Give the engines the learners' weights after the policy version went back (a restore)."""
-        for f in self.sync_dir.glob("weights-*"):  # newer versions than the restored one must not be picked up
+        for f in [*self.sync_dir.glob("weights-*"), *self.sync_dir.glob("next-*")]:  # newer than the restored one
             f.unlink(missing_ok=True)
         self.sync_weights()
 
     def _recover(self, exc: GroupFailed) -> int:
         """A learner or critic group failed: restart both from the newest checkpoint (from step 0 without one) and
-        return the step to go on from; past ``train.max_learner_failures`` raise instead."""
-        self.learner_failures += 1
-        self.metrics.restarts.labels(exc.role).inc()
-        for group in (self.learners, self.critic):
-            if group is not None:
-                self.metrics.deadlines.labels(group.role).inc(group.take_counts()[1])
-        found = ckpt.newest(self.ckpt_root)
-        where = f"checkpoint {found[0]}" if found else "step 0 (no checkpoint yet)"
-        limit = self.cfg.train.max_learner_failures
-        if self.learner_failures > limit:
-            raise RuntimeError(f"{exc}: the {exc.role} group failed {self.learner_failures} times, more than "
-                               f"train.max_learner_failures = {limit}; the run stops. Its newest checkpoint is "
-                               f"{where}: fix the cause (see the actor logs under /tmp/ray/session_latest/logs), "
-                               f"then continue with --resume") from exc
-        log.error("%s; restarting the learner groups from %s (failure %d of at most %d)", exc, where,
-                  self.learner_failures, limit)
+        return the step to go on from. A restart that fails too counts as another failure; past
+        ``train.max_learner_failures``, or while stopping, raise instead."""
+        while True:
+            self.learner_failures += 1
+            self.metrics.restarts.labels(exc.role).inc()
+            for group in (self.learners, self.critic):
+                if group is not None:
+                    self.metrics.deadlines.labels(group.role).inc(group.take_counts()[1])
+            found = ckpt.newest(self.ckpt_root)
+            where = f"checkpoint {found[0]}" if found else "step 0 (no checkpoint yet)"
+            limit = self.cfg.train.max_learner_failures
+            if self.learner_failures > limit or self.stopping.is_set():
+                why = (f"the {exc.role} group failed {self.learner_failures} times, more than "
+                       f"train.max_learner_failures = {limit}" if not self.stopping.is_set() else
+                       "the run is stopping, so the group is not restarted")
+                raise RuntimeError(f"{exc}: {why}; the run stops. Its newest checkpoint is {where}: fix the cause "
+                                   f"(see the actor logs under /tmp/ray/session_latest/logs), then continue with "
+                                   f"--resume") from exc
+            log.error("%s; restarting the learner groups from %s (failure %d of at most %d)", exc, where,
+                      self.learner_failures, limit)
+            try:
+                return self._restart_learners(found)
+            except GroupFailed as again:
+                exc = again
+
+    def _restart_learners(self, found: tuple[Path, dict] | None) -> int:
         self._drain_worker()
         for name in ("critic", "learners"):
             group = getattr(self, name)
@@ -510,6 +544,8 @@ class Trainer:
         log.error("checkpoint.grace_s = %gs passed before the stop's checkpoint was complete; exiting now. Newest "
                   "complete checkpoint: %s", self.cfg.checkpoint.grace_s, found[-1] if found else "none")
         logging.shutdown()
+        if self.sync_dir is not None:  # weights in /dev/shm or on shared storage: not left behind
+            shutil.rmtree(self.sync_dir, ignore_errors=True)
         os._exit(143)
 
     def _on_engines(self, fn, *args):
@@ -565,12 +601,17 @@ class Trainer:
                 record[f"reward/{name}"] = sum(values) / len(values)
             record["response_tokens_mean"] = record["tokens"] / len(rl_rows)
         self.metrics.observe_step(record)
+        self._collect_counts()
+        return record
+
+    def _collect_counts(self) -> None:
+        """Restarts and deadline kills of the pools Ray restarts, into their counters (after each step, before each
+        checkpoint)."""
         for group in (self.rollouts, self.rewards, self.references):
             if group is not None:
                 restarts, deadlines = group.take_counts()
                 self.metrics.restarts.labels(group.role).inc(restarts)
                 self.metrics.deadlines.labels(group.role).inc(deadlines)
-        return record
 
     def _rollouts(self, plan: StepPlan) -> Rollouts:
         """Generate and score the step's on-policy rows (none when mu = 1). With ``reward.on_failure = drop_group``
@@ -760,17 +801,21 @@ class Trainer:
         engines may still be loading the previous one). Returns the path and its size.
 
         By default that is node-local shared memory, which engines on other nodes than learner rank 0 cannot read;
-        ``rollout.sync_dir`` on shared storage makes it multi-node (through the file system, not NCCL)."""
-        path = weights_file(self.sync_dir, self.version)
+        ``rollout.sync_dir`` on shared storage makes it multi-node (through the file system, not NCCL). The file is
+        named ``next-*`` until the engines load it: an engine restarted meanwhile takes the version its peers hold."""
+        path = os.path.join(self.sync_dir, "next-" + os.path.basename(weights_file(self.sync_dir, self.version)))
         nbytes = self.learners.all(lambda a: a.save_weights.remote(path))[0]
         self.metrics.sync_bytes.inc(nbytes * len(self.rollouts))
         return path, nbytes
 
-    def _load_weights(self, path: str) -> None:
-        """Every engine loads ``path`` in place; older versions are then deleted. An engine that Ray restarts loads
-        the newest file when it starts (``RolloutActor(weights_dir=...)``), so it never generates with weights older
-        than its peers'."""
+    def _load_weights(self, staged: str) -> None:
+        """Every engine loads the ``next-*`` file ``staged``, renamed ``weights-*`` first; older versions are then
+        deleted. An engine that Ray restarts loads the newest ``weights-*`` file when it starts
+        (``RolloutActor(weights_dir=...)``): the version its peers hold or are loading, never an older one and, in
+        async mode, never one the learners wrote ahead of the engines."""
         t = time.perf_counter()
+        path = os.path.join(os.path.dirname(staged), os.path.basename(staged).removeprefix("next-"))
+        os.replace(staged, path)
         # not interruptible: it follows a step that trained, which must finish (and be logged) when stopping
         self.rollouts.map(lambda a, p: a.load_weights.remote(p), [path] * len(self.rollouts), interruptible=False)
         self.engine_version = int(Path(path).stem.rsplit("-", 1)[1])

@@ -143,8 +143,11 @@ class ActorGroup:
                 for i in late:
                     if i not in refs or now - started[i] <= self.deadline_s:  # resubmitted by an earlier kill
                         continue
-                    self.deadlines += 1
                     k = i % len(self.actors)
+                    if not self._alive(k):  # Ray is (re)starting it: its start-up is not the call's time
+                        started[i] = now
+                        continue
+                    self.deadlines += 1
                     log.error("%s actor %d: a call ran past %s.deadline_s = %gs; killing the actor", self.role, k,
                               self.role, self.deadline_s)
                     ray.kill(self.actors[k], no_restart=False)  # Ray starts a new process (max_restarts)
@@ -177,6 +180,15 @@ class ActorGroup:
         if pid != self.pids[k]:
             self.pids[k] = pid
             self._pid_restarts += 1
+
+    def _alive(self, k: int) -> bool:
+        """Whether actor ``k`` is up (not being restarted), from the cluster's actor table; True if unknown."""
+        try:
+            from ray._private import state
+
+            return state.actors(actor_id=self.actors[k]._actor_id.hex()).get("State") == "ALIVE"
+        except Exception:  # noqa: BLE001 - a private API: then every late call is killed
+            return True
 
     @property
     def restarts(self) -> int:

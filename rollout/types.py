@@ -16,8 +16,9 @@ class SamplingSpec:
     max_new_tokens: int = 16
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
-    seed: int | None = None  # prompt i of the request samples from seed + i * n (vLLM: sample j from + j), so the
-    #                          same request gives the same samples on any engine, restarted or resumed
+    seed: int | None = None  # vLLM: prompt i of the request samples from seed + i * n (sample j from + j); hf: one
+    #                          generator for the request. The same request gives the same samples on any engine,
+    #                          restarted or resumed
 
 
 @dataclass

@@ -194,8 +194,8 @@ def test_run_survives_a_killed_rollout_actor_a_killed_learner_and_a_stuck_engine
     assert counters[("chorus_actor_restarts_total", ("learner",))] == 1
     assert counters[("chorus_deadline_exceeded_total", ("rollout",))] == 1
     # samples of steps logged and then rolled back with the learner were generated twice, and counted so
-    redone = records(run.run_dir, "metrics.rolled_back.jsonl")
-    assert redone and all(r["step"] >= 4 for r in redone)
+    redone = records(run.run_dir, "metrics.rolled_back.jsonl")  # none if the kill fell between checkpoint and log
+    assert all(r["step"] >= 4 for r in redone)
     assert counters[("chorus_samples_generated_total", ())] == sum(r["samples"] for r in reference + redone)
 
 

@@ -86,3 +86,15 @@ def test_stray_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["train", SMOKE, "--bogus-flag"])
     assert "override 'stray': expected key=value" in _run(capsys, SMOKE, "stray")
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_names_train_steps(capsys, tmp_path):
+    run = _run_dir_with_checkpoint(tmp_path)
+    err = _run(capsys, SMOKE, "--run-dir", str(run), "--resume", "train.steps=3")
+    assert "'train.steps': 3 is fewer than the 4 steps checkpoint" in err
+
+
+def test_a_new_run_refuses_a_checkpoint_dir_holding_another_runs_checkpoints(capsys, tmp_path):
+    shared = _run_dir_with_checkpoint(tmp_path) / "checkpoints"  # e.g. a checkpoint.dir two runs were given
+    err = _run(capsys, SMOKE, "--run-dir", str(tmp_path / "other"), f"checkpoint.dir={shared}")
+    assert f"checkpoint dir {shared} already holds checkpoints" in err
