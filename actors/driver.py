@@ -587,7 +587,8 @@ class Trainer:
         rewards, rl_rows, scored = rollouts.rewards, rollouts.rows, rollouts.scored
         record = {"step": plan.step, "mu": plan.mu, "reward_mean": float(rewards.mean()) if len(rewards) else None,
                   **{k: train.get(k) for k in ("loss", "rl_loss", "sft_loss", "kl", "entropy", "clip_frac",
-                                               "grad_norm", "lr", "ref_kl", "value_loss", "value_clip_frac")},
+                                               "grad_norm", "lr", "ref_kl", "value_loss", "value_zero_loss",
+                                               "value_clip_frac")},
                   "optimizer_steps": train["optimizer_steps"], "policy_lag": plan.step - rollouts.version,
                   "samples": len(rl_rows), "tokens": sum(len(c.token_ids) for _, c in rl_rows),
                   "dropped_groups": len(rollouts.dropped),
@@ -779,7 +780,8 @@ class Trainer:
         out["optimizer_steps"] = len(policy)
         if critic:
             c = _mean(critic)
-            out.update(value_loss=c["value_loss"], value_clip_frac=c["value_clip_frac"])
+            out.update(value_loss=c["value_loss"], value_zero_loss=c["value_zero_loss"],
+                       value_clip_frac=c["value_clip_frac"])
         return out
 
     @staticmethod

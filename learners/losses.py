@@ -239,5 +239,8 @@ def value_loss(
     loss = 0.5 * aggregate(per_token, mask, agg, n_tokens=n_tokens, n_seqs=n_seqs)
     with torch.no_grad():
         metrics = {"value_loss": loss.detach(), "value_clip_frac": _token_mean(clipped.detach(), mask, n_tokens),
-                   "value_mean": _token_mean(values.detach(), mask, n_tokens)}
+                   "value_mean": _token_mean(values.detach(), mask, n_tokens),
+                   # what a critic predicting 0 everywhere would lose on these returns: the yardstick of value_loss
+                   "value_zero_loss": 0.5 * aggregate(returns.detach() ** 2, mask, agg, n_tokens=n_tokens,
+                                                      n_seqs=n_seqs)}
     return loss, metrics

@@ -47,10 +47,14 @@ def test_ppo_with_a_critic_learns(tmp_path):
     records = _run(tmp_path, ["algo.advantage=gae", "algo.epochs=2", "algo.mini_batches=2", "critic.lr=1e-3"])
     assert len(records) == STEPS and all(r["optimizer_steps"] == 4 for r in records)
     _assert_learned(records)
-    # the critic learns too: its loss falls as it tracks the (rising, then steady) returns
+    # the critic learns too: over the last 10 steps its loss is under half that of a critic predicting 0 on the same
+    # returns (the untrained critic's zero-initialised head). Its loss need not fall over the run: the returns' spread
+    # grows with the reward from ~0 at the start
     values = [r["value_loss"] for r in records]
     assert all(v is not None and v >= 0 for v in values)
-    assert sum(values[-10:]) / 10 < max(values[:10])
+    last = sum(values[-10:]) / 10
+    zero = sum(r["value_zero_loss"] for r in records[-10:]) / 10
+    assert last < 0.5 * zero, (last, zero)
 
 
 def test_async_mode_learns_one_step_off_policy(tmp_path):

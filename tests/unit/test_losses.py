@@ -684,6 +684,8 @@ def test_value_loss_without_clipping_by_hand():
     close(metrics["value_clip_frac"], 0.0)
     # value_mean = (1.0 + 1.0 + 0.3 - 0.5) / 4 = 0.45
     close(metrics["value_mean"], 0.45)
+    # value_zero_loss = 0.5 * (0 + 4 + 0.25 + 1) / 4 = 0.65625 (the masked positions' returns do not count)
+    close(metrics["value_zero_loss"], 0.65625)
     # d loss / dV = 0.5 * 2 (V - R) / 4 = (V - R) / 4 = [0.25, -0.25, -0.05 | 0.125, 0, 0]
     (grad,) = torch.autograd.grad(loss, values)
     torch.testing.assert_close(grad, t64([[0.25, -0.25, -0.05], [0.125, 0.0, 0.0]]), atol=ATOL, rtol=0)
