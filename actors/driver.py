@@ -236,8 +236,10 @@ class Trainer:
                 "reference", ReferenceActor, ref.num_actors,
                 {"CPU": ref.num_cpus, "GPU": ref.num_gpus if ref.num_gpus is not None else float(gpu)},
                 lambda rank: dict(model_path=self.model_path, dtype=cfg.model.dtype, num_threads=ref.num_threads),
-                env={**base_env, "OMP_NUM_THREADS": str(ref.num_threads)}, max_restarts=3, retries=3,
+                env={**base_env, "OMP_NUM_THREADS": str(ref.num_threads)}, max_restarts=-1, retries=3,
                 deadline_s=cfg.learner.deadline_s)
+        # Ray restarts these pools' actors however often they die over a run of days (max_restarts -1); each piece of
+        # work is retried at most 3 times, and an actor that cannot come back fails the run after ready_timeout_s.
         rc = cfg.rollout
         self.rollouts = ActorGroup(
             "rollout", RolloutActor, rc.num_actors,
@@ -247,12 +249,12 @@ class Trainer:
                               dtype=cfg.model.dtype, seed=cfg.train.seed + rank, max_model_len=rc.max_model_len,
                               tensor_parallel_size=rc.tensor_parallel_size, kv_cache_gib=rc.kv_cache_gib,
                               gpu_memory_utilization=rc.gpu_memory_utilization),
-            env={**base_env, "OMP_NUM_THREADS": str(rc.num_threads)}, max_restarts=3, retries=3,
+            env={**base_env, "OMP_NUM_THREADS": str(rc.num_threads)}, max_restarts=-1, retries=3,
             deadline_s=rc.deadline_s,
         )
         self.rewards = ActorGroup(
             "reward", RewardActor, cfg.reward.num_actors, {"CPU": cfg.reward.num_cpus},
-            lambda rank: dict(cfg=cfg.reward), env=base_env, max_restarts=3, retries=3,
+            lambda rank: dict(cfg=cfg.reward), env=base_env, max_restarts=-1, retries=3,
             deadline_s=cfg.reward.deadline_s,
         )
         for group in (self.rollouts, self.rewards):  # their waits end when the run is asked to stop
