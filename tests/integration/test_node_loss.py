@@ -9,7 +9,6 @@ restart is covered by test_fault_tolerance.py.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from actors.config import load_config
+from tests.integration.test_fault_tolerance import records
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -28,19 +28,6 @@ def _node_of(actor) -> str:
     from ray._private import state
 
     return state.actors(actor_id=actor._actor_id.hex())["Address"]["NodeID"]
-
-
-def _steps(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-        except ValueError:  # the line the run is writing
-            continue
-        if not record.get("final"):
-            out.append(record)
-    return out
 
 
 def test_run_completes_after_the_node_holding_its_actors_is_removed(tmp_path):
@@ -66,7 +53,7 @@ def test_run_completes_after_the_node_holding_its_actors_is_removed(tmp_path):
         runner = threading.Thread(target=lambda: result.update(summary=trainer.run()), daemon=True)
         runner.start()
         deadline = time.monotonic() + 300
-        while len(_steps(trainer.run_dir)) < 6:  # past the checkpoint of step 4
+        while len(records(trainer.run_dir)) < 6:  # past the checkpoint of step 4
             assert runner.is_alive() and time.monotonic() < deadline, "the run stopped before step 6"
             time.sleep(0.05)
         cluster.remove_node(node_a, allow_graceful=False)  # its raylet and every worker on it are killed
@@ -74,7 +61,7 @@ def test_run_completes_after_the_node_holding_its_actors_is_removed(tmp_path):
         assert not runner.is_alive(), "the run did not finish after the node loss"
         assert result["summary"]["steps"] == STEPS and result["summary"]["learner_failures"] == 1
 
-        steps = _steps(trainer.run_dir)
+        steps = records(trainer.run_dir)
         assert [r["step"] for r in steps] == list(range(STEPS))  # every step once (redone ones rolled back)
         assert all(r["samples"] == cfg.algo.prompts_per_step * cfg.rollout.n for r in steps)
         groups = [trainer.learners, trainer.rollouts, trainer.rewards]
