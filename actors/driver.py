@@ -30,6 +30,7 @@ import ray
 import torch
 
 from actors import checkpoint as ckpt
+from actors import pools
 from actors.config import ChorusConfig, ConfigError, to_yaml
 from actors.group import GroupFailed, Interrupted
 from actors.metrics import STEP_PHASES, JsonlLog, Metrics
@@ -212,90 +213,11 @@ class Trainer:
                 ray.init(num_cpus=self.cfg.ray.num_cpus, include_dashboard=self.cfg.ray.dashboard,
                          log_to_driver=True)
 
-    def _base_env(self) -> dict[str, str]:
-        # vLLM warns on every weight reload that the rotary embedding has no weights to load (it has none to
-        # train either): at WARNING that is one line per step, so engines log errors only.
-        return {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "ERROR",
-                "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-
     def _start_actors(self) -> None:
-        from actors.group import ActorGroup
-        from rewards.actor import RewardActor
-        from rollout.engine import RolloutActor
-
-        cfg = self.cfg
-        gpu = ray.cluster_resources().get("GPU", 0) > 0  # the driver may run on a node without GPUs
-        base_env = self._base_env()
-        a = cfg.algo
-        self._start_learners()
-        if a.kl_coef > 0 and not cfg.reference.colocate:
-            from learners.reference import ReferenceActor
-
-            ref = cfg.reference
-            self.references = ActorGroup(
-                "reference", ReferenceActor, ref.num_actors,
-                {"CPU": ref.num_cpus, "GPU": ref.num_gpus if ref.num_gpus is not None else float(gpu)},
-                lambda rank: dict(model_path=self.model_path, dtype=cfg.model.dtype, num_threads=ref.num_threads),
-                env={**base_env, "OMP_NUM_THREADS": str(ref.num_threads)}, max_restarts=-1, retries=3,
-                deadline_s=cfg.learner.deadline_s)
-        # Ray restarts these pools' actors however often they die over a run of days (max_restarts -1); each piece of
-        # work is retried at most 3 times, and an actor that cannot come back fails the run after ready_timeout_s.
-        rc = cfg.rollout
-        self.rollouts = ActorGroup(
-            "rollout", RolloutActor, rc.num_actors,
-            {"CPU": rc.num_cpus, "GPU": rc.tensor_parallel_size if gpu else 0},
-            lambda rank: dict(backend=rc.backend, model_path=self.model_path, weights_dir=str(self.sync_dir),
-                              num_threads=rc.num_threads,
-                              dtype=cfg.model.dtype, seed=cfg.train.seed + rank, max_model_len=rc.max_model_len,
-                              tensor_parallel_size=rc.tensor_parallel_size, kv_cache_gib=rc.kv_cache_gib,
-                              gpu_memory_utilization=rc.gpu_memory_utilization),
-            env={**base_env, "OMP_NUM_THREADS": str(rc.num_threads)}, max_restarts=-1, retries=3,
-            deadline_s=rc.deadline_s,
-        )
-        self.rewards = ActorGroup(
-            "reward", RewardActor, cfg.reward.num_actors, {"CPU": cfg.reward.num_cpus},
-            lambda rank: dict(cfg=cfg.reward), env=base_env, max_restarts=-1, retries=3,
-            deadline_s=cfg.reward.deadline_s,
-        )
+        self.learners, self.critic = pools.start_learners(self.cfg, self.model_path)
+        self.references, self.rollouts, self.rewards = pools.start_pools(self.cfg, self.model_path, self.sync_dir)
         for group in (self.rollouts, self.rewards):  # their waits end when the run is asked to stop
             group.interrupt = self.stopping
-
-    def _start_learners(self) -> None:
-        """The policy's DeepSpeed ranks (with the colocated reference) and the PPO critic's: fresh from the model."""
-        from learners.learner import LearnerActor
-
-        cfg, a = self.cfg, self.cfg.algo
-        gpu = ray.cluster_resources().get("GPU", 0) > 0
-        colocated_ref = a.kl_coef > 0 and cfg.reference.colocate
-        self.learners = self._deepspeed_group(
-            "learner", LearnerActor, cfg.learner, gpu, self._base_env(),
-            lambda rank: dict(model_path=self.model_path, cfg=cfg.learner, algo=a, dtype=cfg.model.dtype,
-                              seed=cfg.train.seed, rank=rank, world_size=cfg.learner.num_actors,
-                              reference=colocated_ref))
-        if a.advantage == "gae":
-            from learners.critic import CriticActor
-
-            self.critic = self._deepspeed_group(
-                "critic", CriticActor, cfg.critic, gpu, self._base_env(),
-                lambda rank: dict(model_path=self.model_path, cfg=cfg.critic, value_clip=a.value_clip,
-                                  dtype=cfg.model.dtype, seed=cfg.train.seed, rank=rank,
-                                  world_size=cfg.critic.num_actors))
-
-    @staticmethod
-    def _deepspeed_group(role: str, cls: type, lc, gpu: bool, env: dict, make_kwargs) -> "ActorGroup":
-        """Data-parallel DeepSpeed ranks: start them, then join their process group at rank 0's address."""
-        from actors.group import ActorGroup
-
-        group = ActorGroup(role, cls, lc.num_actors,
-                           {"CPU": lc.num_cpus, "GPU": lc.num_gpus if lc.num_gpus is not None else float(gpu)},
-                           make_kwargs, env={**env, "OMP_NUM_THREADS": str(lc.num_threads)}, deadline_s=lc.deadline_s)
-        try:
-            addr, port = group.all(lambda a: a.address.remote())[0]  # rank 0's node hosts the rendezvous
-            group.all(lambda a: a.setup.remote(addr, port))
-        except BaseException:
-            group.shutdown()
-            raise
-        return group
 
     # --- the loop ---------------------------------------------------------------------------------------------
 
@@ -407,7 +329,7 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            self._write_checkpoint(tmp, steps_done, plan_from, scheduler, ready, reason)
+            written = self._write_checkpoint(tmp, steps_done, plan_from, scheduler, ready, reason)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a checkpoint's worth of disk, never to be used
             raise
@@ -416,13 +338,14 @@ class Trainer:
         ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep, current=tmp)
         seconds = time.perf_counter() - t
         self.metrics.checkpoint_step.set(steps_done)
-        self.metrics.checkpoint_time.set(time.time())
+        self.metrics.checkpoint_time.set(written)
         self.metrics.checkpoint_seconds.set(seconds)
         log.info("checkpoint %s (%s, %.1fs)", final, reason, seconds)
         return final
 
     def _write_checkpoint(self, tmp: Path, steps_done: int, plan_from: int, scheduler: dict, ready: list,
-                          reason: str) -> None:
+                          reason: str) -> float:
+        """The checkpoint's files into ``tmp``, trainer.json last; returns the time it records."""
         self.learners.all(lambda a: a.save_checkpoint.remote(str(tmp / "learner")))
         self.learners.all(lambda a: a.save_pretrained.remote(str(tmp / "model"), self.model_path))
         if self.critic is not None:
@@ -434,6 +357,7 @@ class Trainer:
                  "data": self._data_sizes(),
                  "counters": self.metrics.counters(), "reason": reason, "time": time.time()}
         (tmp / "trainer.json").write_text(json.dumps(state, indent=1) + "\n")
+        return state["time"]
 
     def _restore(self, path: Path, state: dict) -> None:
         """Load checkpoint ``path`` into the (running) learner groups, scheduler and engines."""
@@ -498,7 +422,7 @@ class Trainer:
             if group is not None:
                 group.shutdown()
                 setattr(self, name, None)
-        self._start_learners()
+        self.learners, self.critic = pools.start_learners(self.cfg, self.model_path)
         if found:
             self._restore(*found)
             step = found[1]["step"]

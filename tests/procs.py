@@ -37,6 +37,16 @@ def children(pid: int) -> list[int]:
     return [p for p in _pids() if _stat(p)[1:2] == [str(pid)]]
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children(p)
+    return out
+
+
 def with_cmdline(marker: bytes, *, prefix: bool = False) -> list[int]:
     """Live processes whose command line contains ``marker`` (or starts with it)."""
     out = []

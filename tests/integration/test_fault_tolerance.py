@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from actors import checkpoint as ckpt
-from tests.procs import alive, children, wait_dead, with_cmdline
+from tests.procs import alive, descendants, wait_dead, with_cmdline
 
 pytestmark = [pytest.mark.integration]
 
@@ -63,12 +63,7 @@ class Run:
 
     def tree(self) -> list[int]:
         """The run's processes: the driver and everything under it (Ray's raylet, workers, vLLM's engine)."""
-        out, todo = [], [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            out.append(pid)
-            todo += children(pid)
-        return out
+        return descendants(self.proc.pid)
 
     def kill(self) -> list[int]:
         pids = self.tree()
