@@ -5,20 +5,31 @@
 
 Each call is one process tree in fresh Linux namespaces, made by util-linux ``unshare``:
 
-- network: a namespace of its own with no interface up, so no connection to anything, not even 127.0.0.1;
+- network: a namespace of its own with no interface up, so no connection to anything, not even 127.0.0.1, and no
+  abstract Unix socket of the host;
+- IPC and UTS: SysV shared memory, semaphores and message queues made inside vanish with the sandbox;
 - PID: the sandbox's init is this file's ``_init``; when it exits or is killed, the kernel kills every process
   left in the namespace, however it forked, detached or renamed itself;
-- mounts: home directories (``/root``, ``/home``: keys, tokens) are hidden under an empty tmpfs, except the Python
-  installation itself, put back read-only at its own path; every mount is remounted read-only; the working
-  directory is a private tmpfs of ``workdir_mb`` that holds the ``files`` and vanishes with the namespace, so
-  nothing is written outside it and there is nothing to clean up;
+- mounts: the program sees a new root (``pivot_root``) that holds only what it needs, read-only: the system
+  directories (``/usr``, ``/bin``, ``/lib*``), a few files of ``/etc`` (the linker cache, time zone, users), the
+  Python installation and its packages (:func:`exposed`), ``/dev/null``-like devices and its own ``/proc``; plus
+  three private tmpfs of ``workdir_mb`` each: the working directory ``/sandbox`` (holding ``files``), ``/tmp`` and
+  ``/dev/shm``. Nothing else of the host is there: no home directory, no run data, checkpoints, other runs' files,
+  Ray's session directory or pathname Unix sockets; everything vanishes with the namespace;
 - the program runs with no capabilities and ``no_new_privs``, as a uid of its own when the host runs as root (as
   CI and these machines do; otherwise in a user namespace mapped to the caller), under rlimits on CPU seconds,
-  address space, processes, file size and open files.
+  address space, processes, file size and open files;
+- one limit on the memory and the number of processes of the whole tree: a cgroup of its own (v2, or the v1
+  ``memory`` and ``pids`` controllers) where this process may create one (root, or a delegated subtree). Elsewhere
+  (an unprivileged user without delegation, a read-only /sys/fs/cgroup) only the rlimits hold: address space per
+  process and processes per uid, so a tree can take up to ``max_procs * memory_mb``. :func:`containment` says
+  which applies here.
 
-The host kills the whole tree at the wall-clock ``timeout_s`` and stops collecting output past
-``max_output_bytes`` (the program is killed then too). The output comes back as bytes for the caller to parse as
-JSON: nothing the program wrote is unpickled.
+Before the program starts, the init checks, as the program's uid, that it can execute ``argv[0]`` and read every
+file it was given: a sandbox that cannot run the program is :attr:`Result.error` (the reward's failure, counted),
+never a program that failed. The host kills the whole tree at the wall-clock ``timeout_s`` and stops collecting
+output past ``max_output_bytes`` (the program is killed then too). The output comes back as bytes for the caller to
+parse: nothing the program wrote is unpickled.
 
 This file is also the sandbox's init (``python -I -S sandbox.py SPEC``), so it imports only the standard library.
 """
@@ -28,10 +39,12 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import platform
 import resource
 import selectors
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -43,6 +56,8 @@ from pathlib import Path
 SETUP_FAILED = 125
 EXEC_FAILED = 126
 
+WORKDIR = "/sandbox"  # the program's working directory, inside the sandbox
+
 
 class SandboxUnavailable(RuntimeError):
     """This machine cannot build the sandbox (no ``unshare``, or namespaces refused): nothing untrusted is run."""
@@ -52,11 +67,11 @@ class SandboxUnavailable(RuntimeError):
 class Limits:
     timeout_s: float = 10.0  # wall clock, from start to the last process killed
     cpu_s: int = 5  # CPU seconds per process
-    memory_mb: int = 1024  # address space per process
-    max_procs: int = 16  # processes and threads of the sandbox's uid
+    memory_mb: int = 1024  # the whole tree's memory (cgroup), and each process's address space
+    max_procs: int = 16  # processes and threads of the whole tree (cgroup; else of the sandbox's uid)
     max_open_files: int = 64
     max_file_mb: int = 16  # largest file the program may write
-    workdir_mb: int = 64  # size of the private tmpfs working directory
+    workdir_mb: int = 64  # size of each private tmpfs (the working directory, /tmp, /dev/shm)
     max_output_bytes: int = 1 << 20  # stdout and stderr each; the program is killed past it
 
 
@@ -69,6 +84,9 @@ class Result:
     output_limited: bool = False
     wall_s: float = 0.0
     error: str = ""  # the sandbox's own failure (setup, exec), never the program's
+    oom_killed: bool = False  # the tree reached its cgroup memory limit and the kernel killed a process of it
+    peak_memory_mb: float | None = None  # the tree's peak, read from its cgroup (None without one)
+    peak_procs: int | None = None  # likewise, processes and threads
 
     @property
     def ok(self) -> bool:
@@ -80,15 +98,14 @@ class _Spec:
     argv: list[str]
     files: dict[str, str]  # relative path -> text
     limits: dict
-    workdir: str
     uid: int | None  # None: stay the (user-namespace) root, capabilities dropped
     nproc: int
-    expose: list[str]  # directories under a hidden one that stay visible (read-only): the Python installation
+    expose: list[str]  # host directories visible (read-only) at their own path: the Python installation
     env: dict = field(default_factory=dict)
 
 
-_UNSHARE = ["unshare", "--net", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private",
-            "--mount-proc"]
+_UNSHARE = ["unshare", "--net", "--ipc", "--uts", "--mount", "--pid", "--fork", "--kill-child",
+            "--propagation", "private", "--mount-proc"]
 
 
 def run(argv: list[str], *, files: dict[str, str] | None = None, stdin: bytes = b"",
@@ -98,20 +115,42 @@ def run(argv: list[str], *, files: dict[str, str] | None = None, stdin: bytes = 
     if shutil.which("unshare") is None:
         raise SandboxUnavailable("the sandbox needs util-linux `unshare` (Debian: apt-get install util-linux)")
     root = os.geteuid() == 0
-    host_dir = tempfile.mkdtemp(prefix="chorus-sandbox-")  # 0700; the sandbox mounts its tmpfs over it
+    host_dir = tempfile.mkdtemp(prefix="chorus-sandbox-")  # 0700; the init mounts the new root over it
+    group = Cgroup.create(limits)
     try:
-        spec = _Spec(argv=list(argv), files=dict(files or {}), limits=asdict(limits), workdir=host_dir,
+        spec = _Spec(argv=list(argv), files=dict(files or {}), limits=asdict(limits),
                      uid=_private_uid() if root else None,
                      nproc=limits.max_procs if root else _processes_of(os.getuid()) + limits.max_procs,
-                     expose=sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}),
-                     env=dict(env or {}))
+                     expose=exposed(), env=dict(env or {}))
         spec_path = Path(host_dir, ".spec.json")
         spec_path.write_text(json.dumps(asdict(spec)))
         cmd = [*_UNSHARE, *([] if root else ["--user", "--map-root-user"]),
                sys.executable, "-I", "-S", str(Path(__file__).resolve()), str(spec_path)]
-        return _supervise(cmd, stdin, limits)
+        result = _supervise(cmd, stdin, limits, group)
+        if group is not None:
+            result.oom_killed, result.peak_memory_mb, result.peak_procs = group.report()
+        return result
     finally:
+        if group is not None:
+            group.remove()
         shutil.rmtree(host_dir, ignore_errors=True)
+
+
+def exposed() -> list[str]:
+    """The host directories the sandbox shows besides the system ones: the Python installation (``sys.prefix``,
+    ``sys.base_prefix``) and the directories its packages live in (a venv's site-packages, or one a ``.pth``
+    file names), resolved; never ``/`` or a directory holding another of them twice."""
+    found = {sys.prefix, sys.base_prefix, *site.getsitepackages()}
+    found |= {p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))}
+    found = {os.path.realpath(p) for p in found if p and os.path.isdir(p)}
+    found = {p for p in found if p != "/" and not (p + "/").startswith(_SYSTEM)}
+    return sorted(p for p in found if not any(p.startswith(q + "/") for q in found))
+
+
+def containment() -> str:
+    """Which limit holds the whole tree here: ``"cgroup v2"``, ``"cgroup v1"`` or ``"rlimits"`` (per process and
+    per uid only)."""
+    return _CgroupLayout.get().kind
 
 
 def _private_uid() -> int:
@@ -130,14 +169,19 @@ def _processes_of(uid: int) -> int:
     return n
 
 
-def _supervise(cmd: list[str], stdin: bytes, limits: Limits) -> Result:
+def _supervise(cmd: list[str], stdin: bytes, limits: Limits, group: Cgroup | None) -> Result:
     start = time.monotonic()
     prctl = _libc().prctl  # looked up before the fork: the child between fork and exec only calls it
+    join = group.joiner() if group is not None else (lambda: None)
+
+    def before_exec():
+        # killed if this thread's process dies (a reward process killed at its deadline): then unshare's
+        # --kill-child takes the whole sandbox down with it
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        join()  # into the tree's cgroup before anything forks, so that every descendant is counted
+
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True,
-                            # killed if this thread's process dies (a reward process killed at its deadline):
-                            # then unshare's --kill-child takes the whole sandbox down with it
-                            preexec_fn=lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0))
+                            start_new_session=True, preexec_fn=before_exec)
     fd_out, fd_err = proc.stdout.fileno(), proc.stderr.fileno()
     out = {fd_out: bytearray(), fd_err: bytearray()}
     sel = selectors.DefaultSelector()
@@ -209,12 +253,176 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Inside the sandbox: PID 1 of the new namespaces, still privileged there. Make the mounts read-only, build the
-# working directory, then fork the program with no privileges and wait for it.
+# The tree's cgroup, made by the host before the sandbox starts and removed after it.
 
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_BIND, _MS_REC = 1, 2, 4, 8, 32, 4096, 16384
-_MNT_FLAGS = {"nosuid": _MS_NOSUID, "nodev": _MS_NODEV, "noexec": _MS_NOEXEC}
+_MB = 1024 * 1024
+
+
+@dataclass
+class _CgroupLayout:
+    """Where this process may make cgroups: ``parents`` maps a controller (``memory``, ``pids``; ``""`` for the
+    unified v2 tree) to the directory new cgroups go under. Found once per process."""
+    kind: str
+    parents: dict[str, str]
+
+    _found = None
+
+    @classmethod
+    def get(cls) -> _CgroupLayout:
+        if cls._found is None:
+            cls._found = cls._find()
+        return cls._found
+
+    @classmethod
+    def _find(cls) -> _CgroupLayout:
+        try:
+            memberships = [line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().splitlines()]
+            mounts = [line.split() for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+        except OSError:
+            return cls("rlimits", {})
+        v1, v2 = {}, None
+        for m in mounts:
+            sep = m.index("-")
+            fstype, super_opts, root, point = m[sep + 1], m[sep + 3].split(","), m[3], m[4]
+            if fstype == "cgroup2":
+                v2 = (root, point)
+            elif fstype == "cgroup":
+                for ctrl in ("memory", "pids"):
+                    if ctrl in super_opts:
+                        v1[ctrl] = (root, point)
+        paths = {ctrls: path for _, ctrls, path in memberships}
+        if v2 is not None and "" in paths:
+            parent = _under(*v2, paths[""])
+            if parent and _v2_delegated(parent):
+                return cls("cgroup v2", {"": parent})
+        found = {}
+        for ctrl, mount in v1.items():
+            member = next((path for ctrls, path in paths.items() if ctrl in ctrls.split(",")), None)
+            parent = _under(*mount, member) if member is not None else None
+            if parent and os.access(parent, os.W_OK):
+                found[ctrl] = parent
+        if set(found) == {"memory", "pids"}:
+            return cls("cgroup v1", found)
+        return cls("rlimits", {})
+
+
+def _under(root: str, point: str, member: str) -> str | None:
+    """The directory of cgroup ``member`` in a hierarchy whose ``root`` is mounted at ``point``."""
+    if not (member == root or member.startswith(root.rstrip("/") + "/")):
+        return None
+    path = os.path.join(point, member[len(root):].lstrip("/"))
+    return path if os.path.isdir(path) else None
+
+
+def _v2_delegated(parent: str) -> bool:
+    """Children of ``parent`` get the memory and pids controllers (enabling them fails where ``parent`` holds
+    processes itself and is not the root: then the sandbox falls back to rlimits)."""
+    control = Path(parent, "cgroup.subtree_control")
+    try:
+        if not {"memory", "pids"} <= set(control.read_text().split()):
+            control.write_text("+memory +pids")
+        return {"memory", "pids"} <= set(control.read_text().split()) and os.access(parent, os.W_OK)
+    except OSError:
+        return False
+
+
+class Cgroup:
+    """One sandbox tree's cgroup(s), with its memory and process limits."""
+
+    def __init__(self, kind: str, dirs: dict[str, str]):
+        self.kind, self.dirs = kind, dirs  # controller ("" for v2) -> the cgroup's directory
+
+    @classmethod
+    def create(cls, limits: Limits) -> Cgroup | None:
+        layout = _CgroupLayout.get()
+        if not layout.parents:
+            return None
+        name = f"chorus-sandbox-{os.getpid()}-{os.urandom(4).hex()}"
+        group = cls(layout.kind, {})
+        try:
+            for ctrl, parent in layout.parents.items():
+                path = os.path.join(parent, name)
+                os.mkdir(path)
+                group.dirs[ctrl] = path
+            memory, procs = str(limits.memory_mb * _MB), str(limits.max_procs)
+            if layout.kind == "cgroup v2":
+                group._write("", "memory.max", memory)
+                group._write("", "memory.swap.max", "0", optional=True)
+                group._write("", "pids.max", procs)
+            else:
+                group._write("memory", "memory.limit_in_bytes", memory)
+                group._write("memory", "memory.memsw.limit_in_bytes", memory, optional=True)  # no swapping out
+                group._write("pids", "pids.max", procs)
+        except OSError:
+            group.remove()
+            _CgroupLayout._found = _CgroupLayout("rlimits", {})  # it cannot be done here: do not try again
+            return None
+        return group
+
+    def _write(self, ctrl: str, name: str, value: str, optional: bool = False) -> None:
+        path = os.path.join(self.dirs[ctrl], name)
+        if optional and not os.path.exists(path):
+            return
+        Path(path).write_text(value)
+
+    def _read(self, ctrl: str, name: str) -> str | None:
+        try:
+            return Path(self.dirs[ctrl], name).read_text()
+        except (OSError, KeyError):
+            return None
+
+    def joiner(self):
+        """A function for the sandbox's first process to call between fork and exec: it moves itself in."""
+        fds = [os.open(os.path.join(d, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC) for d in self.dirs.values()]
+
+        def join():
+            for fd in fds:
+                os.write(fd, b"0")  # "0": the writing process
+
+        self._fds = fds
+        return join
+
+    def report(self) -> tuple[bool, float | None, int | None]:
+        """(killed by the memory limit, peak memory in MiB, peak processes) of the tree that ran."""
+        v2 = self.kind == "cgroup v2"
+        events = self._read("" if v2 else "memory", "memory.events" if v2 else "memory.oom_control") or ""
+        oom = any(line.split()[:1] == ["oom_kill"] and int(line.split()[1]) > 0 for line in events.splitlines())
+        peak = self._read("" if v2 else "memory", "memory.peak" if v2 else "memory.max_usage_in_bytes")
+        procs = self._read("" if v2 else "pids", "pids.peak")
+        return oom, int(peak) / _MB if peak else None, int(procs) if procs else None
+
+    def remove(self) -> None:
+        """Remove the cgroups; the kernel refuses while a killed process of the tree is still exiting."""
+        for fd in getattr(self, "_fds", []):
+            os.close(fd)
+        self._fds = []
+        for path in self.dirs.values():
+            for _ in range(100):
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+        self.dirs = {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inside the sandbox: PID 1 of the new namespaces, still privileged there. Build the new root over the spec's
+# directory, pivot into it, write the working files, then fork the program with no privileges and wait for it.
+
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_BIND = 1, 2, 4, 8, 32, 4096
+_MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME, _MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
+_MNT_FLAGS = {"nosuid": _MS_NOSUID, "nodev": _MS_NODEV, "noexec": _MS_NOEXEC, "noatime": _MS_NOATIME,
+              "nodiratime": _MS_NODIRATIME, "relatime": _MS_RELATIME, "strictatime": _MS_STRICTATIME}
+_MNT_DETACH = 2
 _PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS, _PR_CAPBSET_DROP = 1, 38, 24
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217}
+
+_SYSTEM = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib32/", "/lib64/", "/libx32/")  # shown whole (read-only)
+_ETC = ("ld.so.cache", "ld.so.conf", "localtime", "passwd", "group", "nsswitch.conf")  # of /etc, only these
+_DEVICES = ("null", "zero", "full", "random", "urandom")
 
 
 def _libc() -> ctypes.CDLL:
@@ -228,57 +436,87 @@ def _mount(libc, source, target: str, fstype, flags: int, data) -> None:
         raise OSError(err, f"mount {target}: {os.strerror(err)}")
 
 
-def _mounts() -> list[tuple[str, int]]:
-    """(mount point, per-mount flags) of every mount, parents before children."""
-    found = []
+def _flags_of(point: str) -> int:
+    """The per-mount flags of the mount at ``point`` (the newest one there). In a user namespace they are locked:
+    a remount must keep them, adding read-only."""
+    flags = 0
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         fields = line.split()
-        point = fields[4].encode().decode("unicode_escape")  # \040 etc.
-        flags = sum(_MNT_FLAGS.get(opt, 0) for opt in fields[5].split(","))
-        found.append((point, flags))
-    return found
+        if fields[4].encode().decode("unicode_escape") == point:  # \040 etc.
+            flags = sum(_MNT_FLAGS.get(opt, 0) for opt in fields[5].split(","))
+    return flags
 
 
-_HIDDEN = ("/root", "/home")
+def _bind(libc, source: str, target: str, *, nodev: bool = True) -> None:
+    """``source`` shown read-only at ``target``, without the mounts beneath it."""
+    if os.path.isdir(source):
+        os.makedirs(target, mode=0o755, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        Path(target).touch(mode=0o644)
+    _mount(libc, source, target, None, _MS_BIND, None)
+    flags = _flags_of(target) | _MS_RDONLY | _MS_NOSUID | (_MS_NODEV if nodev else 0)
+    _mount(libc, None, target, None, _MS_REMOUNT | _MS_BIND | flags, None)
 
 
-def _hide_homes(libc, expose: list[str]) -> None:
-    """An empty tmpfs over each home directory, with the ``expose`` directories under it bound back in place."""
-    for hidden in _HIDDEN:
-        if not os.path.isdir(hidden):
-            continue
-        keep = [p for p in expose if p.startswith(hidden + "/")]
-        handles = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in keep}  # reachable once covered
-        _mount(libc, "tmpfs", hidden, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
-        for path, fd in handles.items():
-            os.makedirs(path, mode=0o755, exist_ok=True)
-            _mount(libc, f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC, None)
-            os.close(fd)
+def _tmpfs(libc, target: str, size_mb: int, mode: str) -> None:
+    os.makedirs(target, mode=0o755, exist_ok=True)
+    _mount(libc, "tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size_mb}m,mode={mode}")
 
 
-def _lock_down(libc, spec: dict) -> None:
-    workdir, limits = spec["workdir"], spec["limits"]
-    _hide_homes(libc, spec["expose"])
-    for point, flags in _mounts():
-        if point == "/proc" or point.startswith("/proc/"):
-            continue  # the namespace's own procfs: read-only to the unprivileged program anyway
-        try:
-            _mount(libc, None, point, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | flags, None)
-        except OSError as exc:
-            if not os.statvfs(point).f_flag & os.ST_RDONLY:
-                raise OSError(f"cannot make {point} read-only ({exc.strerror})") from None
-    _mount(libc, "tmpfs", workdir, "tmpfs", _MS_NOSUID | _MS_NODEV,
-           f"size={limits['workdir_mb']}m,mode=0700")
+def _build_root(libc, new: str, spec: dict) -> None:
+    """The sandbox's file system, on a tmpfs over ``new``: see the module docstring."""
+    size = spec["limits"]["workdir_mb"]
+    _mount(libc, "tmpfs", new, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
+    _tmpfs(libc, f"{new}/dev/shm", size, "1777")  # first: an exposed directory may lie under /tmp
+    _tmpfs(libc, f"{new}/tmp", size, "1777")
+    _tmpfs(libc, new + WORKDIR, size, "0700")
+    for top in (p.strip("/") for p in _SYSTEM):
+        host = "/" + top
+        if os.path.islink(host):  # a merged /usr: /bin -> usr/bin
+            os.symlink(os.readlink(host), os.path.join(new, top))
+        elif os.path.isdir(host):
+            _bind(libc, host, os.path.join(new, top))
+    for name in _ETC:
+        if os.path.isfile(f"/etc/{name}"):
+            _bind(libc, f"/etc/{name}", f"{new}/etc/{name}")
+    for path in spec["expose"]:
+        _bind(libc, path, new + path)
+    for name in _DEVICES:
+        if os.path.exists(f"/dev/{name}"):
+            _bind(libc, f"/dev/{name}", f"{new}/dev/{name}", nodev=False)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{new}/dev/{name}")
+    os.makedirs(f"{new}/proc")
+    _mount(libc, "/proc", f"{new}/proc", None, _MS_BIND, None)  # the PID namespace's own, from --mount-proc
+
+
+def _pivot(libc, new: str) -> None:
+    """Make ``new`` the root and drop the old one entirely (not just hide it, as chroot would)."""
+    number = _SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        raise OSError(f"pivot_root: unknown syscall number on {platform.machine()}")
+    os.chdir(new)
+    os.mkdir(".old")
+    if libc.syscall(ctypes.c_long(number), b".", b".old") != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pivot_root: {os.strerror(err)}")
+    os.chdir("/")
+    if libc.umount2(b"/.old", _MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount the old root: {os.strerror(err)}")
+    os.rmdir("/.old")
+    _mount(libc, None, "/", None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
 
 
 def _drop_privileges(libc, spec: dict) -> None:
     """In the forked child, just before exec: rlimits, then no way back to any privilege."""
     lim = spec["limits"]
-    mb = 1024 * 1024
     for what, value in ((resource.RLIMIT_CPU, (lim["cpu_s"], lim["cpu_s"] + 1)),
-                        (resource.RLIMIT_AS, (lim["memory_mb"] * mb,) * 2),
+                        (resource.RLIMIT_AS, (lim["memory_mb"] * _MB,) * 2),
                         (resource.RLIMIT_NPROC, (spec["nproc"],) * 2),
-                        (resource.RLIMIT_FSIZE, (lim["max_file_mb"] * mb,) * 2),
+                        (resource.RLIMIT_FSIZE, (lim["max_file_mb"] * _MB,) * 2),
                         (resource.RLIMIT_NOFILE, (lim["max_open_files"],) * 2),
                         (resource.RLIMIT_CORE, (0, 0))):
         resource.setrlimit(what, value)
@@ -305,32 +543,45 @@ def _drop_privileges(libc, spec: dict) -> None:
             raise OSError(ctypes.get_errno(), "capset")
 
 
+def _check_access(spec: dict) -> None:
+    """As the program's uid: it can run ``argv[0]`` and read its files (else the sandbox, not the program, failed:
+    the error that scored every answer 0 when the working directory was unreachable to the sandbox's uid)."""
+    exe = spec["argv"][0]
+    exe = exe if "/" in exe else shutil.which(exe, path="/usr/local/bin:/usr/bin:/bin") or exe
+    if not os.access(exe, os.X_OK):
+        raise OSError(f"the sandbox's uid cannot execute {exe}")
+    for rel in spec["files"]:
+        if not os.access(os.path.join(WORKDIR, rel), os.R_OK):
+            raise OSError(f"the sandbox's uid cannot read {rel}")
+
+
 def _init(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
-    workdir = spec["workdir"]
     libc = _libc()
     try:
-        _lock_down(libc, spec)
+        _build_root(libc, os.path.dirname(spec_path), spec)
+        _pivot(libc, os.path.dirname(spec_path))
         for rel, text in spec["files"].items():
             if Path(rel).is_absolute() or ".." in Path(rel).parts:
                 raise OSError(f"file name {rel!r} leaves the working directory")
-            path = Path(workdir, rel)
+            path = Path(WORKDIR, rel)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
         if spec["uid"] is not None:
-            for dirpath, dirnames, filenames in os.walk(workdir):
+            for dirpath, dirnames, filenames in os.walk(WORKDIR):
                 for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
                     os.chown(name, spec["uid"], spec["uid"])
-        os.chdir(workdir)
+        os.chdir(WORKDIR)
     except Exception as exc:  # noqa: BLE001  (whatever it is, the program must not start)
         print(f"setup failed: {exc}", file=sys.stderr)
         return SETUP_FAILED
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": WORKDIR, "TMPDIR": "/tmp", "LANG": "C.UTF-8",
            "PYTHONDONTWRITEBYTECODE": "1", **spec["env"]}
     pid = os.fork()
     if pid == 0:
         try:
             _drop_privileges(libc, spec)
+            _check_access(spec)
             os.execve(spec["argv"][0], spec["argv"], env)
         except OSError as exc:
             os.write(2, f"cannot start {spec['argv'][0]}: {exc}\n".encode())

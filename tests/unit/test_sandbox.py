@@ -6,17 +6,21 @@ process of the sandbox's uid is left), not only by what the program reports.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
-from rewards.sandbox import Limits, run
+from rewards.sandbox import Limits, containment, exposed, run
+from tests.users import as_user, readable_dir, user_python
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -84,12 +88,126 @@ def test_no_network_even_to_a_listener_on_loopback():
         server.close()
 
 
-@pytest.mark.parametrize("where", ["/tmp", "/dev/shm", str(ROOT)])
+@pytest.mark.parametrize("where", ["/tmp", "/dev/shm"])
+def test_temp_directories_are_private(where):
+    target = Path(where, f"chorus-escape-{uuid.uuid4().hex}")
+    r = py(f"open({str(target)!r}, 'w').write('x')\nprint(open({str(target)!r}).read())")
+    assert r.ok and r.stdout == b"x\n", r.stderr  # the program has a /tmp of its own ...
+    assert not target.exists()  # ... that is not the host's
+
+
+@pytest.mark.parametrize("where", ["/usr", "/etc", "/", "/sandbox/../usr"])
 def test_writes_outside_the_working_directory_fail(where):
     target = Path(where, f"chorus-escape-{uuid.uuid4().hex}")
     r = py(f"open({str(target)!r}, 'w').write('x')")
     assert r.returncode == 1 and b"Read-only file system" in r.stderr, r.stderr
-    assert not target.exists()
+    assert not Path(os.path.normpath(target)).exists()
+
+
+def test_the_file_system_holds_only_what_the_program_needs(tmp_path):
+    """Files the host can read (a run's held-out answers in a world-readable directory, the repository, shared
+    memory, Ray's session directory) are not there at all; the root holds the system and the sandbox's own dirs."""
+    run_dir = Path(tempfile.mkdtemp(prefix="chorus-run-"))
+    run_dir.chmod(0o755)
+    planted = [run_dir / "eval.jsonl", Path("/dev/shm", f"chorus-{uuid.uuid4().hex}")]
+    try:
+        for path in planted:
+            path.write_text('{"answer": "42"}')
+            path.chmod(0o644)
+        looked_at = [*map(str, planted), str(ROOT / "README.md"), "/tmp/ray", "/root", "/home", "/sys/fs/cgroup",
+                     "/etc/hostname", "/var", "/work"]
+        r = py("import json, os, sys\n"
+               f"print(json.dumps([os.path.exists(p) for p in {looked_at!r}]))\n"
+               "print(json.dumps(sorted(os.listdir('/'))))\n"
+               "print(json.dumps(sys.prefix))")
+        assert r.ok, r.stderr
+        seen, top, prefix = (json.loads(line) for line in r.stdout.decode().splitlines())
+        # the Python installation, when it lies under /work or /root, is shown at its own path, and only it
+        assert [p for p, there in zip(looked_at, seen) if there and not any(e.startswith(p) for e in exposed())] == []
+        assert set(top) <= {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "dev", "proc", "tmp",
+                            "sandbox", *(p.split("/")[1] for p in exposed())}, top
+        assert prefix == sys.prefix
+    finally:
+        for path in planted:
+            path.unlink()
+        shutil.rmtree(run_dir)
+
+
+def test_sysv_ipc_made_inside_does_not_outlive_the_sandbox():
+    key = 0x43480000 + os.getpid() % 0xFFFF
+    r = py("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+           f"shm = libc.shmget({key}, 4096, 0o1666)\nmsg = libc.msgget({key}, 0o1666)\nprint(shm >= 0, msg >= 0)")
+    assert r.ok and r.stdout == b"True True\n", (r.stdout, r.stderr)  # it could make them ...
+    for table in ("/proc/sysvipc/shm", "/proc/sysvipc/msg"):  # ... in its own IPC namespace, gone with it
+        keys = [int(line.split()[0]) for line in Path(table).read_text().splitlines()[1:]]
+        assert key not in keys, table
+
+
+def test_host_unix_sockets_are_out_of_reach(tmp_path):
+    """A pathname socket in a world-writable place and an abstract one, both listening on the host."""
+    where = Path(tempfile.mkdtemp(prefix="chorus-sock-"))
+    where.chmod(0o777)
+    path, abstract = where / "s", f"\0chorus-{uuid.uuid4().hex}"
+    servers = []
+    try:
+        for address in (str(path), abstract):
+            server = socket.socket(socket.AF_UNIX)
+            server.bind(address)
+            server.listen()
+            server.settimeout(0.5)
+            servers.append(server)
+        path.chmod(0o777)
+        r = py("import socket\nfor a in (%r, %r):\n"
+               "    try:\n        socket.socket(socket.AF_UNIX).connect(a); print('connected')\n"
+               "    except OSError as e: print(type(e).__name__)" % (str(path), abstract))
+        assert r.ok and r.stdout.split() == [b"FileNotFoundError", b"ConnectionRefusedError"], (r.stdout, r.stderr)
+        for server in servers:
+            with pytest.raises(TimeoutError):
+                server.accept()  # nothing got through
+    finally:
+        for server in servers:
+            server.close()
+        shutil.rmtree(where)
+
+
+@pytest.mark.skipif(containment() == "rlimits", reason="no cgroup this process may create here")
+def test_one_memory_limit_holds_the_whole_tree():
+    """Four processes of 200 MiB each stay under the per-process limit (512 MiB), not under the tree's."""
+    code = ("import os, time\nfor _ in range(4):\n    if os.fork() == 0:\n"
+            "        x = bytearray(200 * 1024 * 1024)\n        for i in range(0, len(x), 4096): x[i] = 1\n"
+            "        time.sleep(5); os._exit(0)\n"
+            "for _ in range(4): print(os.wait())")
+    r = py(code, memory_mb=512, timeout_s=30)
+    assert r.oom_killed and b"signal" not in r.stderr, r
+    assert r.peak_memory_mb is not None and r.peak_memory_mb <= 512.5, r.peak_memory_mb
+    statuses = [line for line in r.stdout.decode().splitlines()]
+    assert any(line.endswith(" 9)") for line in statuses), statuses  # (pid, 9): killed by the kernel
+    ok = py("x = bytearray(300 * 1024 * 1024)\nprint(len(x))", memory_mb=512)
+    assert ok.ok and not ok.oom_killed  # one process under the limit is fine
+
+
+@pytest.mark.skipif(containment() == "rlimits", reason="no cgroup this process may create here")
+def test_one_process_limit_holds_the_whole_tree():
+    code = ("import threading, time\nn = 0\nfor _ in range(50):\n    try:\n"
+            "        threading.Thread(target=time.sleep, args=(3,), daemon=True).start(); n += 1\n"
+            "    except RuntimeError: break\nprint(n)")
+    r = py(code, max_procs=8)
+    assert r.ok and int(r.stdout) < 8 and r.peak_procs <= 8, (r.stdout, r.peak_procs)
+
+
+def test_a_sandbox_that_cannot_run_the_program_is_an_error_not_a_failed_program(tmp_path):
+    """What scored every answer 0: the sandbox's uid could not reach the program. Now it is the sandbox's error."""
+    private = Path(tempfile.mkdtemp(prefix="chorus-private-"))  # 0700, like a reward process's TMPDIR
+    exe = private / "python"
+    exe.symlink_to(sys.executable)
+    try:
+        r = run([str(exe), "-c", "print(1)"])
+        if os.geteuid() == 0:  # the program's uid is not root: it cannot enter the 0700 directory
+            assert r.error and "cannot execute" in r.error and not r.ok, r
+        r = run(["/no/such/interpreter"])
+        assert r.error and "cannot" in r.error and r.returncode == 126, r
+    finally:
+        shutil.rmtree(private)
 
 
 def test_working_directory_is_writable_and_private():
@@ -138,3 +256,31 @@ def test_no_privilege_left_to_undo_the_lock_down():
 def test_file_names_may_not_leave_the_working_directory():
     r = run([sys.executable, "-I", "main.py"], files={"../main.py": "print(1)"})
     assert not r.ok and "leaves the working directory" in r.error
+
+
+_AS_USER = r'''
+import json, os, sys
+from rewards.sandbox import Limits, containment, run
+secret = sys.argv[1]
+r = run([sys.executable, "-I", "main.py"], files={"main.py": f"import os\nprint(input()[::-1], os.path.exists({secret!r}))\n"
+        "open('/usr/x', 'w')"}, stdin=b"olleh\n")
+print(json.dumps({"stdout": r.stdout.decode(), "stderr": r.stderr.decode()[-300:], "code": r.returncode,
+                  "error": r.error, "containment": containment()}))
+'''
+
+
+def test_an_ordinary_user_gets_the_same_sandbox():
+    """As the Dockerfile's uid: a user namespace instead of a private uid, the same file system view."""
+    home = readable_dir("chorus-user-")
+    try:
+        python = user_python(home)
+        secret = home / "secret.txt"  # the user's own file: readable by that user, not by its sandbox
+        secret.write_text("token")
+        (home / "as_user.py").write_text(_AS_USER)
+        done = as_user([str(python), str(home / "as_user.py"), str(secret)], home=home, timeout=60)
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout.splitlines()[-1])
+        assert out["error"] == "" and out["stdout"] == "hello False\n", out
+        assert out["code"] == 1 and "Read-only file system" in out["stderr"], out
+    finally:
+        shutil.rmtree(home)
