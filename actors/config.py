@@ -7,7 +7,8 @@ live here and nowhere else; each component receives only its own section.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -278,35 +279,77 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> ChorusCon
     return obj
 
 
+_ABSENT = object()  # a key under an optional section that is not set (data.synthetic: null)
+
+
 def _get(cfg: ChorusConfig, key: str):
     for part in key.split("."):
-        cfg = getattr(cfg, part) if cfg is not None else None
+        if cfg is None:
+            return _ABSENT
+        cfg = getattr(cfg, part)
     return cfg
 
 
-# (key, test, what the value must be): ranges the types cannot express
+def _floats(obj, prefix: str = ""):
+    """(key, value) of every float the config holds: fields, list elements (``learner.betas[1]``) and reward
+    functions (``reward.functions[0].weight``); a reward's ``args`` are its own to check."""
+    for f in fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+        for k, v in items:
+            if isinstance(v, float):
+                yield k, v
+            elif is_dataclass(v):
+                yield from _floats(v, k + ".")
+
+
+def _betas(v: list[float]) -> bool:
+    return len(v) == 2 and all(0.0 <= b < 1.0 for b in v)
+
+
+_LEARNERS = ("learner", "critic")  # the same schema (LearnerConfig)
+_ACTORS = ("rollout", "learner", "critic", "reference")  # actors with num_cpus, num_threads
+
+# (key, test, what the value must be): ranges the types cannot express. A float must also be finite (checked
+# first, for every float key), so a test here never sees nan or inf.
 _RULES = [
     *((k, lambda v: v >= 1, ">= 1") for k in (
         "rollout.num_actors", "rollout.n", "rollout.max_new_tokens", "rollout.tensor_parallel_size",
+        "rollout.max_model_len", "rollout.kv_cache_gib",
         "reward.num_actors", "learner.num_actors", "learner.micro_batch_size", "algo.prompts_per_step",
         "critic.num_actors", "critic.micro_batch_size", "reference.num_actors", "algo.epochs", "algo.mini_batches",
-        "train.steps", "checkpoint.keep")),
+        "train.steps", "checkpoint.keep", *(f"{k}.num_threads" for k in _ACTORS),
+        "data.synthetic.min_len", "data.synthetic.num_prompts", "data.synthetic.num_eval")),
     *((k, lambda v: v >= 0, ">= 0") for k in (
         "learner.warmup_steps", "learner.decay_steps", "critic.warmup_steps", "critic.decay_steps",
         "algo.mu_warmup_steps", "algo.mu_hold_steps", "algo.mu_decay_steps", "algo.kl_coef",
-        "train.eval_every", "train.eval_max_rows", "train.max_staleness", "reward.timeout_s", "metrics.port",
+        "train.eval_every", "train.eval_max_rows", "train.max_staleness",
         "rollout.deadline_s", "reward.deadline_s", "learner.deadline_s", "critic.deadline_s",
-        "train.max_learner_failures", "checkpoint.every", "checkpoint.grace_s")),
+        "train.max_learner_failures", "checkpoint.every", "checkpoint.grace_s", "data.synthetic.num_expert",
+        *(f"{k}.weight_decay" for k in _LEARNERS))),
     *((k, lambda v: 0.0 <= v <= 1.0, "in [0, 1]") for k in (
         "algo.mu_peak", "algo.mu_valley", "learner.min_lr_ratio", "critic.min_lr_ratio", "algo.gamma",
         "algo.lam")),
+    # 0 CPUs: the actor reserves none, which Ray can place only with a GPU in its bundle (checked at start,
+    # actors/pools.py); reward actors never have one.
+    *((f"{k}.num_cpus", lambda v: v >= 0, ">= 0 (0 = reserve no CPU, for an actor with a GPU)") for k in _ACTORS),
+    ("reward.num_cpus", lambda v: v > 0, "> 0"),
+    ("ray.num_cpus", lambda v: v is None or v >= 1, ">= 1 (or null: all)"),
+    *((f"{k}.num_gpus", lambda v: v is None or v >= 0, ">= 0 (or null: 1 if the cluster has GPUs, else 0)")
+      for k in ("learner", "critic", "reference")),
+    ("rollout.gpu_memory_utilization", lambda v: 0.0 < v <= 1.0, "in (0, 1] (a share of each GPU's memory)"),
+    ("reward.timeout_s", lambda v: v > 0, "> 0 (seconds one reward function may take on one batch)"),
+    ("metrics.port", lambda v: 0 <= v <= 65535, "in [0, 65535] (0 = any free port)"),
     ("algo.expert_ratio", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     ("algo.clip_eps", lambda v: v > 0, "> 0"),
     ("checkpoint.grace_s", lambda v: v > 0, "> 0 (seconds to write the checkpoint after SIGTERM)"),
     ("algo.dual_clip", lambda v: v is None or v > 1.0, "> 1 (or null)"),
     ("algo.value_clip", lambda v: v is None or v > 0, "> 0 (or null)"),
-    *((f"{k}.zero_stage", lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3") for k in ("learner", "critic")),
-    *((f"{k}.lr", lambda v: v > 0, "> 0") for k in ("learner", "critic")),
+    ("data.synthetic.alphabet", lambda v: len(v) >= 1, "a non-empty string (the characters of the task's strings)"),
+    *((f"{k}.zero_stage", lambda v: v in (0, 1, 2, 3), "0, 1, 2 or 3") for k in _LEARNERS),
+    *((f"{k}.lr", lambda v: v > 0, "> 0") for k in _LEARNERS),
+    *((f"{k}.betas", _betas, "two numbers in [0, 1) (AdamW's beta1, beta2)") for k in _LEARNERS),
+    *((f"{k}.grad_clip", lambda v: v >= 0, ">= 0 (the gradient norm's limit; 0 = no clipping)") for k in _LEARNERS),
     # The engines return log-probabilities of the raw distribution (temperature 1, no top-p), which is what the
     # learner recomputes: sampling from another distribution would make the PPO ratio wrong.
     ("rollout.temperature", lambda v: v == 1.0, "1.0 (training rollouts sample the raw policy)"),
@@ -314,16 +357,51 @@ _RULES = [
 ]
 
 
+def _distinct_strings(alphabet: str, min_len: int, max_len: int, enough: int) -> int:
+    """Distinct strings of ``min_len``..``max_len`` characters over ``alphabet``, counted up to ``enough``."""
+    total = 0
+    for n in range(min_len, max_len + 1):
+        total += len(set(alphabet)) ** n
+        if total >= enough:
+            break
+    return total
+
+
+def _check_synthetic(cfg: ChorusConfig) -> None:
+    s = cfg.data.synthetic
+    if s is None:
+        return
+    if s.max_len < s.min_len:
+        raise ConfigError(f"config key 'data.synthetic.max_len': must be >= data.synthetic.min_len ({s.min_len}), "
+                          f"got {s.max_len}")
+    universe = _distinct_strings(s.alphabet, s.min_len, s.max_len, 4 * s.num_eval)
+    if universe < 4 * s.num_eval:  # held-out strings are drawn at random; at most a quarter of them, so the
+        #                            training strings drawn around them stay plentiful
+        raise ConfigError(f"config key 'data.synthetic.num_eval': {s.num_eval} held-out rows need at least "
+                          f"{4 * s.num_eval} distinct strings, but alphabet {s.alphabet!r} with lengths "
+                          f"{s.min_len}..{s.max_len} has only {universe}")
+    if cfg.algo.expert_ratio > 0 and s.num_expert == 0:
+        raise ConfigError("config key 'data.synthetic.num_expert': algo.expert_ratio > 0 needs expert rows, got 0")
+
+
 def validate(cfg: ChorusConfig) -> None:
     """Checks the schema's types cannot express; each message names the key."""
+    for key, value in _floats(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}': must be a finite number, got {value!r}")
     for key, allowed in _CHOICES.items():
         value = _get(cfg, key)
-        if value is not None and value not in allowed:
+        if value is not _ABSENT and value is not None and value not in allowed:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {list(allowed)}")
     for key, ok, what in _RULES:
         value = _get(cfg, key)
-        if not ok(value):
+        if value is not _ABSENT and not ok(value):
             raise ConfigError(f"config key '{key}': must be {what}, got {value!r}")
+    if cfg.rollout.max_model_len <= cfg.rollout.max_new_tokens:
+        raise ConfigError(f"config key 'rollout.max_model_len': must be > rollout.max_new_tokens "
+                          f"({cfg.rollout.max_new_tokens}), since the context holds the prompt and the response; "
+                          f"got {cfg.rollout.max_model_len}")
+    _check_synthetic(cfg)
     if not cfg.reward.functions:
         raise ConfigError("config key 'reward.functions': at least one reward function is needed")
     for i, f in enumerate(cfg.reward.functions):

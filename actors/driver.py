@@ -173,6 +173,8 @@ class Trainer:
         if cfg.synthetic is not None:
             generated = make_synthetic(**asdict(cfg.synthetic))
             for kind, rows in generated.items():
+                if not rows:  # data.synthetic.num_expert 0: pure RL, no expert set
+                    continue
                 paths[kind] = str(self.run_dir / "data" / f"{kind}.jsonl")
                 write_jsonl(Path(paths[kind]), rows)
         self.skipped_rows: dict[str, list[str]] = {}  # data set -> what was wrong with each row left out

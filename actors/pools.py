@@ -11,7 +11,7 @@ from pathlib import Path
 
 import ray
 
-from actors.config import ChorusConfig, LearnerConfig
+from actors.config import ChorusConfig, ConfigError, LearnerConfig
 from actors.group import ActorGroup
 
 # vLLM warns on every weight reload that the rotary embedding has no weights to load (it has none to train
@@ -26,6 +26,15 @@ def _has_gpus() -> bool:
 
 def _gpus(num_gpus: float | None, gpu: bool) -> float:
     return num_gpus if num_gpus is not None else float(gpu)
+
+
+def bundle(role: str, cpus: float, gpus: float) -> dict[str, float]:
+    """One actor's placement bundle. ``<role>.num_cpus`` 0 reserves no CPU, which Ray can place only when the actor
+    has a GPU: say so at start rather than let Ray refuse an empty bundle."""
+    if not cpus and not gpus:
+        raise ConfigError(f"config key '{role}.num_cpus': 0 reserves nothing for an actor without a GPU (no GPU in "
+                          f"the cluster, or {role}.num_gpus 0): set it > 0")
+    return {"CPU": cpus, "GPU": gpus}
 
 
 def start_learners(cfg: ChorusConfig, model_path: str) -> tuple[ActorGroup, ActorGroup | None]:
@@ -55,7 +64,7 @@ def start_learners(cfg: ChorusConfig, model_path: str) -> tuple[ActorGroup, Acto
 
 def deepspeed_group(role: str, cls: type, lc: LearnerConfig, gpu: bool, make_kwargs) -> ActorGroup:
     """Data-parallel DeepSpeed ranks: start them, then join their process group at rank 0's address."""
-    group = ActorGroup(role, cls, lc.num_actors, {"CPU": lc.num_cpus, "GPU": _gpus(lc.num_gpus, gpu)}, make_kwargs,
+    group = ActorGroup(role, cls, lc.num_actors, bundle(role, lc.num_cpus, _gpus(lc.num_gpus, gpu)), make_kwargs,
                        env={**BASE_ENV, "OMP_NUM_THREADS": str(lc.num_threads)}, deadline_s=lc.deadline_s)
     try:
         addr, port = group.all(lambda a: a.address.remote())[0]  # rank 0's node hosts the rendezvous
@@ -81,7 +90,8 @@ def start_pools(cfg: ChorusConfig, model_path: str, sync_dir: Path
 
             ref = cfg.reference
             started.append(ActorGroup(
-                "reference", ReferenceActor, ref.num_actors, {"CPU": ref.num_cpus, "GPU": _gpus(ref.num_gpus, gpu)},
+                "reference", ReferenceActor, ref.num_actors,
+                bundle("reference", ref.num_cpus, _gpus(ref.num_gpus, gpu)),
                 lambda rank: dict(model_path=model_path, dtype=cfg.model.dtype, num_threads=ref.num_threads),
                 env={**BASE_ENV, "OMP_NUM_THREADS": str(ref.num_threads)}, max_restarts=-1, retries=3,
                 deadline_s=cfg.learner.deadline_s))
@@ -90,7 +100,7 @@ def start_pools(cfg: ChorusConfig, model_path: str, sync_dir: Path
         rc = cfg.rollout
         started.append(ActorGroup(
             "rollout", RolloutActor, rc.num_actors,
-            {"CPU": rc.num_cpus, "GPU": rc.tensor_parallel_size if gpu else 0},
+            bundle("rollout", rc.num_cpus, rc.tensor_parallel_size if gpu else 0),
             lambda rank: dict(backend=rc.backend, model_path=model_path, weights_dir=str(sync_dir),
                               num_threads=rc.num_threads, dtype=cfg.model.dtype, seed=cfg.train.seed + rank,
                               max_model_len=rc.max_model_len, tensor_parallel_size=rc.tensor_parallel_size,

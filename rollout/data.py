@@ -123,7 +123,7 @@ def make_synthetic(task: str, seed: int, alphabet: str, min_len: int, max_len: i
     """Deterministic prompt / expert / eval rows; held-out strings never appear in the other two sets."""
     fields = TASKS[task]
     rng = random.Random(seed)
-    universe = sum(len(alphabet) ** n for n in range(min_len, max_len + 1))
+    universe = sum(len(set(alphabet)) ** n for n in range(min_len, max_len + 1))  # actors/config.py checks it first
     if num_eval * 4 > universe:
         raise ValueError(f"only {universe} distinct strings: too few for {num_eval} held-out rows")
     held: set[str] = set()

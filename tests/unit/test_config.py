@@ -137,6 +137,85 @@ def test_invalid_value_names_its_key(tmp_path, override, key):
         load_config(write(tmp_path, BASE), [override])
 
 
+# Values the types accept but the run cannot mean (issue 13): each one stops the start, naming its key and saying
+# what it must be. YAML spells them as a user would (.nan, .inf, a list of one), through the config file.
+@pytest.mark.parametrize("key, value, must, named", [
+    ("reward.fallback", float("nan"), "finite", None),
+    ("reward.functions", [{"name": "exact_match", "weight": float("inf")}], "finite", "reward.functions[0].weight"),
+    ("reward.functions", [{"name": "exact_match"}, {"name": "exact_match", "weight": float("nan")}], "finite",
+     "reward.functions[1].weight"),
+    ("reward.timeout_s", 0.0, "> 0", None),
+    ("reward.timeout_s", float("inf"), "finite", None),
+    ("reward.num_cpus", 0.0, "> 0", None),
+    ("reward.deadline_s", float("inf"), "finite", None),
+    ("learner.lr", float("inf"), "finite", None),
+    ("critic.lr", 0.0, "> 0", None),
+    ("learner.betas", [0.9], "two numbers in [0, 1)", None),
+    ("learner.betas", [0.9, 0.99, 0.999], "two numbers in [0, 1)", None),
+    ("critic.betas", [0.9, 1.0], "two numbers in [0, 1)", None),
+    ("learner.betas", [0.9, float("nan")], "finite", "learner.betas[1]"),
+    ("learner.grad_clip", -1.0, ">= 0", None),
+    ("critic.grad_clip", float("inf"), "finite", None),
+    ("learner.weight_decay", -0.1, ">= 0", None),
+    ("learner.num_cpus", -1.0, ">= 0", None),
+    ("critic.num_cpus", -0.5, ">= 0", None),
+    ("rollout.num_cpus", -1.0, ">= 0", None),
+    ("reference.num_cpus", -1.0, ">= 0", None),
+    ("ray.num_cpus", 0, ">= 1", None),
+    ("learner.num_gpus", -1.0, ">= 0", None),
+    ("reference.num_gpus", float("inf"), "finite", None),
+    ("learner.num_threads", 0, ">= 1", None),
+    ("rollout.num_threads", 0, ">= 1", None),
+    ("reference.num_threads", -2, ">= 1", None),
+    ("rollout.kv_cache_gib", 0, ">= 1", None),
+    ("rollout.max_model_len", 0, ">= 1", None),
+    ("rollout.max_model_len", 16, "> rollout.max_new_tokens (16)", None),  # no room for the prompt
+    ("rollout.gpu_memory_utilization", 7.0, "in (0, 1]", None),
+    ("rollout.gpu_memory_utilization", 0.0, "in (0, 1]", None),
+    ("rollout.deadline_s", float("nan"), "finite", None),
+    ("metrics.port", 99999, "in [0, 65535]", None),
+    ("metrics.port", -1, "in [0, 65535]", None),
+    ("algo.clip_eps", float("inf"), "finite", None),
+    ("algo.kl_coef", float("nan"), "finite", None),
+    ("checkpoint.grace_s", float("inf"), "finite", None),
+    ("data.synthetic.min_len", 0, ">= 1", None),
+    ("data.synthetic.max_len", 2, ">= data.synthetic.min_len (3)", None),
+    ("data.synthetic.num_prompts", 0, ">= 1", None),
+    ("data.synthetic.num_eval", -5, ">= 1", None),
+    ("data.synthetic.num_expert", -1, ">= 0", None),
+    ("data.synthetic.num_expert", 0, "expert_ratio > 0 needs expert rows", None),
+    ("data.synthetic.alphabet", "", "non-empty", None),
+    # alphabet "ab", lengths 3..6: 8 + 16 + 32 + 64 = 120 strings, fewer than the 4 x 50 = 200 needed
+    ("data.synthetic", {"alphabet": "ab", "num_eval": 50}, "need at least 200 distinct strings, but alphabet 'ab' "
+     "with lengths 3..6 has only 120", "data.synthetic.num_eval"),
+])
+def test_meaningless_value_stops_the_start_naming_its_key(tmp_path, key, value, must, named):
+    if key == "data.synthetic":
+        value = {"task": "reverse", **value}
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, base_with(key, value)))
+    message = str(exc.value)
+    assert f"config key '{named or key}': " in message and must in message, message
+
+
+def test_zero_values_that_mean_something_stay_allowed(tmp_path):
+    # grad_clip 0 = no clipping (DeepSpeed clips only above 0); num_cpus 0 = reserve none (an actor with a GPU);
+    # num_gpus 0 = CPU actors; weight_decay 0; metrics.port 0 = any free port; no expert rows for pure RL
+    cfg = load_config(write(tmp_path, BASE), [
+        "learner.grad_clip=0", "learner.num_cpus=0", "learner.num_gpus=1", "reference.num_gpus=0",
+        "learner.weight_decay=0", "metrics.port=0", "data.synthetic.num_expert=0", "algo.expert_ratio=0",
+        "algo.mu_peak=0", "algo.mu_valley=0", "rollout.gpu_memory_utilization=1.0", "learner.betas=[0,0.5]",
+        "reward.functions=[{name: exact_match, weight: -1.0}]"])  # a negative weight is a penalty
+    assert (cfg.learner.grad_clip, cfg.learner.num_cpus, cfg.data.synthetic.num_expert) == (0.0, 0.0, 0)
+
+
+def test_nan_from_the_command_line_names_its_key(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape("config key 'reward.fallback': must be a finite number, got nan")):
+        load_config(write(tmp_path, BASE), ["reward.fallback=nan"])
+    with pytest.raises(ConfigError, match=re.escape("config key 'learner.lr': must be a finite number, got inf")):
+        load_config(write(tmp_path, BASE), ["learner.lr=inf"])
+
+
 def test_missing_model_and_data(tmp_path):
     with pytest.raises(ConfigError, match="'model.path'"):
         load_config(write(tmp_path, "data:\n  synthetic: {}\n"))
