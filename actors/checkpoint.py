@@ -18,7 +18,10 @@ one would have.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import re
 import shutil
 from dataclasses import asdict
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import msgpack
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 from actors.config import ChorusConfig, ConfigError
@@ -33,6 +37,7 @@ from actors.scheduler import StepPlan
 from rollout.types import Completion, Scored
 
 NAME = re.compile(r"step-(\d{8})")
+log = logging.getLogger("chorus")
 
 # Config keys a resumed run may change: sizes of the stateless pools, limits, and where things go. Anything else
 # (the model, data, algorithm, optimiser, learner world size) is part of what the checkpoint's state means.
@@ -74,6 +79,69 @@ def newest(root: Path) -> tuple[Path, dict] | None:
     return path, state
 
 
+def start_from(cfg: ChorusConfig, run_dir: Path, root: Path, *, resume: bool) -> tuple[Path, dict] | None:
+    """The checkpoint a run starts from (None: step 0), after refusing a start that would mix two runs or lose one.
+
+    Without ``resume`` the run dir and ``root`` (the checkpoint dir) must hold no run yet. With it, the newest
+    complete checkpoint under ``root`` must accept the config; and a run dir whose metrics.jsonl has logged steps
+    needs a checkpoint: starting it again from step 0 would move every record aside, most often because
+    ``checkpoint.dir`` points elsewhere than when the run wrote them. A run dir with no logged step starts from
+    step 0 (how a job that always passes --resume starts a fresh run)."""
+    log_path = run_dir / "metrics.jsonl"
+    if not resume:
+        if log_path.exists():
+            raise ConfigError(f"run dir {run_dir} already holds a run (metrics.jsonl): pass --resume to continue it "
+                              f"from its newest checkpoint, or choose another --run-dir")
+        if complete(root):  # another run's, e.g. a shared checkpoint.dir
+            raise ConfigError(f"checkpoint dir {root} already holds checkpoints: pass --resume to continue that run, "
+                              f"or set checkpoint.dir to a directory of this run's own")
+        return None
+    found = newest(root)
+    if found:
+        check_resumable(cfg, found[0])
+        if found[1]["step"] > cfg.train.steps:
+            raise ConfigError(f"config key 'train.steps': {cfg.train.steps} is fewer than the {found[1]['step']} "
+                              f"steps checkpoint {found[0]} holds; resume with train.steps >= {found[1]['step']}")
+        return found
+    steps = logged_steps(log_path)
+    if steps:
+        setting = f"checkpoint.dir = {cfg.checkpoint.dir}" if cfg.checkpoint.dir else "the default, RUN_DIR/checkpoints"
+        raise ConfigError(f"--resume: no complete checkpoint in {root} ({setting}), but {log_path} holds {steps} "
+                          f"step records.{_elsewhere(run_dir, root)} Resume with the checkpoint.dir that run wrote to; "
+                          f"or, to start it again from step 0, move metrics.jsonl aside")
+    return None
+
+
+def logged_steps(path: Path) -> int:
+    """Step records in a run's metrics.jsonl (0 if there is none; a line cut short by a kill is not one)."""
+    if not path.is_file():
+        return 0
+    count = 0
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                count += isinstance(json.loads(line).get("step"), int)
+            except (ValueError, AttributeError, RecursionError):
+                continue
+    return count
+
+
+def _elsewhere(run_dir: Path, root: Path) -> str:
+    """Where else the run's checkpoints may be: the checkpoint dir of the config its last start wrote to the run dir,
+    and the default RUN_DIR/checkpoints, if one of them holds some."""
+    places = [run_dir / "checkpoints"]
+    try:
+        then = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        if (then.get("checkpoint") or {}).get("dir"):
+            places.insert(0, Path(then["checkpoint"]["dir"]))
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        pass
+    for place in places:
+        if place.resolve() != root.resolve() and (held := complete(place)):
+            return f" {place} holds {', '.join(p.name for p in held)}."
+    return ""
+
+
 def check_resumable(cfg: ChorusConfig, checkpoint: Path) -> None:
     """The config of a resumed run may differ from the one that wrote the checkpoint only in :data:`RESUMABLE`."""
     from actors.config import load_config
@@ -97,6 +165,33 @@ def _flat(d, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def publish(tmp: Path, final: Path, keep: int) -> None:
+    """Make the checkpoint written to ``tmp`` the complete one ``final``, then delete all but the newest ``keep``.
+
+    The files reach the disk before the rename (so ``step-N`` never names a half-written checkpoint), and the rename
+    reaches it before any older checkpoint is deleted: the directory holding both is fsynced in between. Otherwise a
+    crash or power loss could keep the deletions and lose the rename, leaving fewer complete checkpoints than
+    ``keep``, or none."""
+    os.sync()
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    prune(final.parent, keep, current=tmp)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (renames, new names) to disk. A file system that cannot (EINVAL: some FUSE and
+    network mounts) is warned about; a real I/O error raises."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        log.warning("cannot fsync directory %s (%s): its last rename may not be durable yet", path, exc.strerror)
+    finally:
+        os.close(fd)
 
 
 def prune(root: Path, keep: int, *, current: Path) -> None:

@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--run-dir", default="", help="where the config, metrics.jsonl, checkpoints and final/ go")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --run-dir from its newest complete checkpoint (from step 0 if it "
-                            "has none); the config may change only in sizes, limits and paths (see README)")
+                            "has none and has logged no step); the config may change only in sizes, limits and "
+                            "paths (see README)")
     train.set_defaults(func=_train)
     reward = sub.add_parser("reward", help="work on reward functions without a cluster")
     reward_sub = reward.add_subparsers(dest="reward_command", required=True)

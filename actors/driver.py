@@ -78,27 +78,14 @@ class Stopped(Exception):
 
 
 class Trainer:
-    """One run. ``resume``: continue from the newest complete checkpoint of the run (a run dir with none starts from
-    step 0), else the run dir must not hold a run yet."""
+    """One run. ``resume``: continue from the newest complete checkpoint of the run (a run dir with no logged step
+    and no checkpoint starts from step 0), else the run dir must not hold a run yet (:func:`ckpt.start_from`)."""
 
     def __init__(self, cfg: ChorusConfig, run_dir: str | Path, *, resume: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
-        found = ckpt.newest(self.ckpt_root) if resume else None
-        if not resume and (self.run_dir / "metrics.jsonl").exists():
-            raise ConfigError(f"run dir {self.run_dir} already holds a run (metrics.jsonl): pass --resume to continue "
-                              f"it from its newest checkpoint, or choose another --run-dir")
-        if found:
-            ckpt.check_resumable(cfg, found[0])
-            if found[1]["step"] > cfg.train.steps:
-                raise ConfigError(f"config key 'train.steps': {cfg.train.steps} is fewer than the {found[1]['step']} "
-                                  f"steps checkpoint {found[0]} holds; resume with train.steps >= {found[1]['step']}")
-        elif resume and (self.run_dir / "metrics.jsonl").exists():
-            log.warning("--resume: no complete checkpoint in %s; the run starts again from step 0", self.ckpt_root)
-        if not resume and ckpt.complete(self.ckpt_root):  # another run's, e.g. a shared checkpoint.dir
-            raise ConfigError(f"checkpoint dir {self.ckpt_root} already holds checkpoints: pass --resume to continue "
-                              f"that run, or set checkpoint.dir to a directory of this run's own")
+        found = ckpt.start_from(cfg, self.run_dir, self.ckpt_root, resume=resume)
         self.start_step = found[1]["step"] if found else 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -335,9 +322,7 @@ class Trainer:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # a checkpoint's worth of disk, never to be used
             raise
-        os.sync()  # the files are on disk before the name says the checkpoint is complete
-        tmp.rename(final)
-        ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep, current=tmp)
+        ckpt.publish(tmp, final, self.cfg.checkpoint.keep)  # files, then the rename, on disk; then the pruning
         seconds = time.perf_counter() - t
         self.metrics.checkpoint_step.set(steps_done)
         self.metrics.checkpoint_time.set(written)

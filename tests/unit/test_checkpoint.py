@@ -125,3 +125,119 @@ def test_prune_keeps_the_newest(tmp_path):
     stale.mkdir()
     ckpt.prune(tmp_path, 2, current=tmp_path / ".tmp-step-00000012")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000008", "step-00000012"]
+
+
+# --- durability: the rename is on disk before older checkpoints go -------------------------------------------
+
+
+def test_publish_fsyncs_the_directory_after_the_rename_and_before_pruning(tmp_path, monkeypatch):
+    for step in (4, 8):
+        _write(tmp_path, step)
+    tmp = tmp_path / ".tmp-step-00000012"
+    tmp.mkdir()
+    final = tmp_path / "step-00000012"
+    events = []
+    fsync = ckpt.os.fsync
+
+    def recording_fsync(fd):
+        st, root = ckpt.os.fstat(fd), tmp_path.stat()
+        what = "fsync root" if (st.st_dev, st.st_ino) == (root.st_dev, root.st_ino) else "fsync other"
+        events.append((what, final.exists(), (tmp_path / "step-00000004").exists()))
+        fsync(fd)
+
+    prune = ckpt.prune
+    monkeypatch.setattr(ckpt.os, "fsync", recording_fsync)
+    monkeypatch.setattr(ckpt, "prune", lambda *a, **k: (events.append(("prune", final.exists(), None)), prune(*a, **k)))
+    ckpt.publish(tmp, final, keep=2)
+    # the directory is fsynced once the new name exists and while the oldest checkpoint is still there; then pruned
+    assert events == [("fsync root", True, True), ("prune", True, None)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000008", "step-00000012"]
+
+
+def test_fsync_dir_tolerates_a_file_system_that_cannot(tmp_path, monkeypatch, caplog):
+    def einval(fd):
+        raise OSError(ckpt.errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(ckpt.os, "fsync", einval)
+    ckpt.fsync_dir(tmp_path)  # warned about, not raised
+    assert "cannot fsync directory" in caplog.text
+
+    def eio(fd):
+        raise OSError(ckpt.errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ckpt.os, "fsync", eio)
+    with pytest.raises(OSError):
+        ckpt.fsync_dir(tmp_path)
+
+
+# --- where a run starts -----------------------------------------------------------------------------------------
+
+
+def _run_dir(tmp_path: Path, steps: int, checkpoint_dir: str = "") -> Path:
+    """A run dir as a run of ``steps`` logged steps leaves it: config.yaml (with its checkpoint.dir) and
+    metrics.jsonl, with a last line cut short by a kill."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"checkpoint.dir={checkpoint_dir}"] if checkpoint_dir else [])
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in range(steps))
+                                       + '{"step": 9, "lo')
+    return run
+
+
+def test_resume_without_a_checkpoint_of_a_run_with_logged_steps_stops_saying_where_it_looked(tmp_path):
+    smoke = load_config(ROOT / "configs" / "smoke.yaml")
+    run = _run_dir(tmp_path, 3)
+    with pytest.raises(ConfigError) as err:
+        ckpt.start_from(smoke, run, run / "checkpoints", resume=True)
+    message = str(err.value)
+    assert f"no complete checkpoint in {run / 'checkpoints'} (the default, RUN_DIR/checkpoints)" in message
+    assert f"{run / 'metrics.jsonl'} holds 3 step records" in message and "move metrics.jsonl aside" in message
+    assert not (run / "metrics.rolled_back.jsonl").exists()
+
+
+def test_resume_with_a_changed_checkpoint_dir_names_both_dirs(tmp_path):
+    # the run wrote its checkpoints to old/; the resume is given new/ (empty): it names new/ and finds old/
+    old, new = tmp_path / "old", tmp_path / "new"
+    _write(old, 4)
+    run = _run_dir(tmp_path, 5, checkpoint_dir=str(old))
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"checkpoint.dir={new}"])
+    with pytest.raises(ConfigError) as err:
+        ckpt.start_from(cfg, run, new, resume=True)
+    message = str(err.value)
+    assert f"no complete checkpoint in {new} (checkpoint.dir = {new})" in message
+    assert f"{old} holds step-00000004" in message
+    # and the other way round: the run used the default, the resume points elsewhere
+    run2 = tmp_path / "run2"
+    run2.mkdir()
+    _write(run2 / "checkpoints", 2)
+    (run2 / "metrics.jsonl").write_text(json.dumps({"step": 0}) + "\n")
+    with pytest.raises(ConfigError, match=f"{run2 / 'checkpoints'} holds step-00000002"):
+        ckpt.start_from(cfg, run2, new, resume=True)
+
+
+@pytest.mark.parametrize("log", [None, "", '{"step": 0, "lo'])
+def test_resume_of_a_run_dir_with_no_logged_step_starts_from_step_0(tmp_path, log):
+    # how the KubeRay job starts a fresh run: always --resume; a first try killed before its first step is alike
+    smoke = load_config(ROOT / "configs" / "smoke.yaml")
+    run = tmp_path / "run"
+    run.mkdir()
+    if log is not None:
+        (run / "metrics.jsonl").write_text(log)
+    assert ckpt.start_from(smoke, run, run / "checkpoints", resume=True) is None
+    assert ckpt.start_from(smoke, tmp_path / "absent", tmp_path / "absent" / "checkpoints", resume=True) is None
+
+
+def test_start_finds_the_checkpoint_or_refuses_to_mix_runs(tmp_path):
+    smoke = load_config(ROOT / "configs" / "smoke.yaml")
+    run = _run_dir(tmp_path, 5)
+    _write(run / "checkpoints", 4)
+    path, state = ckpt.start_from(smoke, run, run / "checkpoints", resume=True)
+    assert path.name == "step-00000004" and state["step"] == 4
+    with pytest.raises(ConfigError, match="already holds a run"):  # no --resume on a run dir with a run
+        ckpt.start_from(smoke, run, run / "checkpoints", resume=False)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):  # nor on another run's checkpoint dir
+        ckpt.start_from(smoke, tmp_path / "fresh", run / "checkpoints", resume=False)
+    with pytest.raises(ConfigError, match="'train.steps': 3 is fewer than the 4"):
+        ckpt.start_from(load_config(ROOT / "configs" / "smoke.yaml", ["train.steps=3"]), run, run / "checkpoints",
+                        resume=True)
