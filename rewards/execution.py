@@ -12,27 +12,37 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from rewards import checks
+from rewards.checks import ENCODER
 from rewards.registry import register
-from rewards.sandbox import Limits, run
+from rewards.sandbox import Limits, Result, run
 
 log = logging.getLogger("chorus.rewards")
 
-_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
-
-
 def extract_code(response: str, language: str) -> str:
     """The last fenced block tagged ``language`` (or untagged) in ``response``; the whole response if it has none.
+    A fence is a line that starts with three backticks; one scan over the lines (no regex that backtracks on a
+    response full of backticks).
 
     >>> extract_code("Here:\\n```python\\nprint(1)\\n```\\ndone", "python")
     'print(1)\\n'
     """
-    blocks = [(tag.lower(), body) for tag, body in _FENCE.findall(response)]
-    tagged = [body for tag, body in blocks if tag in (language, "")]
-    return tagged[-1] if tagged else response
+    found, block, tag = None, None, ""
+    for line in response.splitlines(keepends=True):
+        if line.lstrip(" \t").startswith("```"):
+            if block is None:  # an opening fence: its tag is the first word after the backticks
+                words = line.lstrip(" \t")[3:].split(maxsplit=1)
+                tag, block = (words[0].lower() if words else ""), []
+            else:
+                if tag in (language, ""):
+                    found = "".join(block)
+                block = None
+        elif block is not None:
+            block.append(line)
+    return response if found is None else found
 
 
 def _pool_map(fn, items: list, workers: int) -> list:
@@ -40,58 +50,78 @@ def _pool_map(fn, items: list, workers: int) -> list:
         return list(pool.map(fn, items))
 
 
-def _run_harness(harness: str, arg, files: dict[str, str], limits: Limits):
+class _HarnessFailed(RuntimeError):
+    """The sandbox or the harness did not start: the reward's failure, not the model's."""
+
+
+def _run_harness(harness: str, arg, files: dict[str, str], limits: Limits) -> tuple[Result, list[dict]]:
     """Run ``harness`` (one of the scripts below) in the sandbox with ``arg`` and ``files`` beside it. It reads a
-    fresh nonce from stdin before any model-written text is touched; returns the sandbox result and the harness's
-    verdicts: the JSON objects on stdout that carry that nonce, in order."""
+    fresh nonce from stdin and prints ``{"nonce": ..., "started": true}`` before any model-written text is touched;
+    returns the sandbox result and the JSON objects on stdout after that line that carry the nonce, in order.
+    Raises :class:`_HarnessFailed` when the sandbox failed or the harness never started."""
     nonce = os.urandom(16).hex()
     result = run([sys.executable, "-I", "harness.py", str(arg)], stdin=f"{nonce}\n".encode(), limits=limits,
                  files={"harness.py": harness, **files})
-    verdicts = []
+    if result.error:
+        raise _HarnessFailed(result.error)
+    messages = []
     for line in result.stdout.decode(errors="replace").splitlines():
         if nonce in line:
             try:
-                verdict = json.loads(line)
-            except json.JSONDecodeError:
+                message = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
                 continue
-            if isinstance(verdict, dict) and verdict.get("nonce") == nonce:
-                verdicts.append(verdict)
-    return result, verdicts
+            if isinstance(message, dict) and message.get("nonce") == nonce:
+                messages.append(message)
+    if not messages or messages[0].get("started") is not True:
+        stderr = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise _HarnessFailed(f"the harness did not start (exit {result.returncode}): {stderr[0][:300]}")
+    return result, messages[1:]
 
 
-# The test harness, run inside the sandbox: read the nonce before the model's code runs, run the solution once,
-# then each test under its own alarm; print the verdict last. A solution that exits early, crashes the
-# interpreter or floods the output leaves no verdict line, which scores 0.
-_PY_HARNESS = r'''
+# The test harness, run inside the sandbox. It is not trusted with the verdict: it runs the solution, then each
+# test's statements in order, and sends back the values of the parts of each assert that need the model's code
+# (rewards/checks.py); the host compares them with what the tests expect, which never enters the sandbox.
+_PY_HARNESS = r"""
 import json, os, signal, sys
 nonce = sys.stdin.readline().strip()
 sys.stdin = open(os.devnull)
-tests, per_test_s = json.load(open("tests.json")), float(sys.argv[1])
+plan, per_test_s = json.load(open("plan.json")), float(sys.argv[1])
+out = os.fdopen(os.dup(1), "w")
+def emit(message):
+    out.write(json.dumps({"nonce": nonce, **message}) + "\n")
+    out.flush()
+emit({"started": True})
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # what the model's code prints goes nowhere
+sys.stdout = open(os.devnull, "w")
+%s
 def alarm(*_):
     raise TimeoutError("test timed out")
 signal.signal(signal.SIGALRM, alarm)
-real_stdout, sys.stdout = sys.stdout, open(os.devnull, "w")
 ns = {"__name__": "solution"}
-passed, error = [], ""
 try:
     signal.setitimer(signal.ITIMER_REAL, per_test_s)
     exec(compile(open("solution.py").read(), "solution.py", "exec"), ns)
     signal.setitimer(signal.ITIMER_REAL, 0)
 except BaseException as exc:
     signal.setitimer(signal.ITIMER_REAL, 0)
-    error = f"solution: {type(exc).__name__}: {exc}"[:300]
-for test in tests if not error else []:
+    emit({"error": f"solution: {type(exc).__name__}: {exc}"[:300]})
+    sys.exit(0)
+for i, steps in enumerate(plan):
+    values, error = [], ""
     try:
         signal.setitimer(signal.ITIMER_REAL, per_test_s)
-        exec(compile(test, "test", "exec"), ns)
-        passed.append(True)
-    except BaseException:
-        passed.append(False)
+        for kind, source in steps:
+            if kind == "exec":
+                exec(compile(source, "test", "exec"), ns)
+            else:
+                values.append(encode(eval(compile(source, "test", "eval"), ns)))
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"[:300]
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-sys.stdout = real_stdout
-print(json.dumps({"nonce": nonce, "passed": passed, "error": error}), flush=True)
-'''
+    emit({"test": i, "values": values, "error": error})
+""" % ENCODER
 
 
 def _normalise_output(text: str) -> list[str]:
@@ -108,6 +138,11 @@ def code_exec(prompts: list[str], responses: list[str], tests: list, *, timeout_
     same namespace, each under ``per_test_s``; or a list of ``{"input": ..., "output": ...}`` pairs, each a
     separate run of the program with that stdin, compared line by line with trailing spaces ignored. The score is
     the share of tests passed (``partial: false``: 1.0 only if all pass).
+
+    Every verdict is reached outside the model's process: its stdout for the pairs, the values of the calls of
+    each ``assert`` for the statements (``rewards/checks.py``: the expected values never enter the sandbox). A
+    test with an ``assert`` nested in a loop or a function cannot be checked that way: its row scores None (the
+    reward's failure, counted), as does a row whose sandbox could not run.
     """
     limits = Limits(timeout_s=timeout_s, cpu_s=cpu_s, memory_mb=memory_mb)
 
@@ -118,30 +153,57 @@ def code_exec(prompts: list[str], responses: list[str], tests: list, *, timeout_
         if not row_tests:
             return None  # nothing to check against: the row's fault, not the model's
         code = extract_code(response, "python")
-        if all(isinstance(t, dict) for t in row_tests):
-            results = [run([sys.executable, "-I", "solution.py"], files={"solution.py": code},
-                           stdin=str(t["input"]).encode(), limits=limits) for t in row_tests]
-            if any(r.error for r in results):
-                return None
-            passed = [r.ok and _normalise_output(r.stdout.decode(errors="replace"))
-                      == _normalise_output(str(t["output"])) for r, t in zip(results, row_tests)]
-        else:
-            result, verdicts = _run_harness(_PY_HARNESS, per_test_s, limits=limits,
-                                            files={"solution.py": code, "tests.json": json.dumps(row_tests)})
-            if result.error:
-                return None
-            passed = verdicts[-1]["passed"] if verdicts and len(verdicts[-1]["passed"]) == len(row_tests) else []
+        try:
+            if all(isinstance(t, dict) for t in row_tests):
+                passed = _io_tests(code, row_tests, limits)
+            else:
+                passed = _assert_tests(code, [str(t) for t in row_tests], per_test_s, limits)
+        except (checks.Uncheckable, SyntaxError, _HarnessFailed) as exc:
+            log.warning("code_exec: row not scored: %s", exc)
+            return None
         share = sum(passed) / len(row_tests)
         return share if partial else float(share == 1.0)
 
     return _pool_map(one, list(zip(responses, tests)), workers)
 
 
-# The SQL harness: build the database from the row's schema script, run the reference query and the model's, print
-# both result sets as JSON. A progress handler stops a runaway query (a recursive CTE without end) in SQLite itself.
-_SQL_HARNESS = r'''
+def _io_tests(code: str, tests: list[dict], limits: Limits) -> list[bool]:
+    results = [run([sys.executable, "-I", "solution.py"], files={"solution.py": code},
+                   stdin=str(t["input"]).encode(), limits=limits) for t in tests]
+    if any(r.error for r in results):
+        raise _HarnessFailed(next(r.error for r in results if r.error))
+    return [r.ok and _normalise_output(r.stdout.decode(errors="replace")) == _normalise_output(str(t["output"]))
+            for r, t in zip(results, tests)]
+
+
+def _assert_tests(code: str, tests: list[str], per_test_s: float, limits: Limits) -> list[bool]:
+    steps, row_checks = checks.plan(tests, {})
+    _, messages = _run_harness(_PY_HARNESS, per_test_s, limits=limits,
+                               files={"solution.py": code, "plan.json": json.dumps(steps)})
+    reported = {}
+    for message in messages:  # the first report of each test; the model's own lines can only add values
+        if isinstance(message.get("test"), int) and message["test"] not in reported:
+            reported[message["test"]] = message
+    passed = []
+    for i, (test_steps, test_checks) in enumerate(zip(steps, row_checks)):
+        message = reported.get(i, {})
+        values = checks.decode_all(message.get("values"))
+        ok = (message.get("error") == "" and values is not None
+              and len(values) == sum(kind == "eval" for kind, _ in test_steps))
+        passed.append(ok and all(checks.holds(c, values) for c in test_checks))
+    return passed
+
+
+# The SQL harness: build the database from the row's schema script, run the reference query, then the model's on a
+# read-only connection that may not attach files or change pragmas; print both result sets as JSON. A progress
+# handler stops a runaway query (a recursive CTE without end) in SQLite itself. SQL cannot run Python: the harness
+# stays honest, and the host compares the two sets.
+_SQL_HARNESS = r"""
 import json, sqlite3, sys, time
 nonce = sys.stdin.readline().strip()
+def emit(message):
+    print(json.dumps({"nonce": nonce, **message}), flush=True)
+emit({"started": True})
 schema, reference, query = (open(name).read() for name in ("schema.sql", "reference.sql", "query.sql"))
 budget_s = float(sys.argv[1])
 def plain(v):
@@ -151,19 +213,22 @@ def rows(db, sql):
     db.set_progress_handler(lambda: time.monotonic() > deadline, 10000)
     cur = db.execute(sql)
     return [[plain(v) for v in row] for row in cur.fetchmany(10001)]
+DENIED = {sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH, sqlite3.SQLITE_PRAGMA}
 try:
     db = sqlite3.connect(":memory:")
     db.executescript(schema)
-    out = {"nonce": nonce, "reference": rows(db, reference), "ordered": "order by" in reference.lower()}
+    out = {"reference": rows(db, reference), "ordered": "order by" in reference.lower()}
 except Exception as exc:
-    print(json.dumps({"nonce": nonce, "row_error": f"{type(exc).__name__}: {exc}"[:300]}), flush=True)
+    emit({"row_error": f"{type(exc).__name__}: {exc}"[:300]})
     sys.exit(0)
 try:
+    db.execute("PRAGMA query_only = ON")
+    db.set_authorizer(lambda action, *_: sqlite3.SQLITE_DENY if action in DENIED else sqlite3.SQLITE_OK)
     out["rows"] = rows(db, query)
 except Exception as exc:
     out["error"] = f"{type(exc).__name__}: {exc}"[:300]
-print(json.dumps(out), flush=True)
-'''
+emit(out)
+"""
 
 
 def _same_result(got: list, want: list, ordered: bool) -> bool:
@@ -183,16 +248,19 @@ def sql_exec(prompts: list[str], responses: list[str], schema: list[str], answer
              timeout_s: float = 10.0, query_s: float = 3.0, workers: int = 4, **_) -> list[float | None]:
     """1.0 where the response's SQL (its last ```sql block, or all of it) returns the same result set as the
     row's reference query ``answer`` on an in-memory SQLite database built by the row's ``schema`` script
-    (``CREATE TABLE`` and ``INSERT`` statements); 0.0 otherwise, including a query that errors or runs past
-    ``query_s``. Row order matters only when the reference has ``ORDER BY``; column names never do.
+    (``CREATE TABLE`` and ``INSERT`` statements); 0.0 otherwise, including a query that errors, writes, attaches a
+    file or runs past ``query_s``. Row order matters only when the reference has ``ORDER BY``; column names never
+    do. None (the reward's failure) when the row's own schema or reference fails, or the sandbox cannot run.
     """
-    limits = Limits(timeout_s=timeout_s, cpu_s=int(timeout_s))
+    limits = Limits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)))
 
     def one(item) -> float | None:
         response, row_schema, reference = item
-        result, verdicts = _run_harness(_SQL_HARNESS, query_s, limits=limits, files={
-            "schema.sql": row_schema, "reference.sql": reference, "query.sql": extract_code(response, "sql")})
-        if result.error:
+        try:
+            _, verdicts = _run_harness(_SQL_HARNESS, query_s, limits=limits, files={
+                "schema.sql": row_schema, "reference.sql": reference, "query.sql": extract_code(response, "sql")})
+        except _HarnessFailed as exc:
+            log.warning("sql_exec: row not scored: %s", exc)
             return None
         if not verdicts:  # the model's query took the harness down (or past the wall clock)
             return 0.0
@@ -200,61 +268,76 @@ def sql_exec(prompts: list[str], responses: list[str], schema: list[str], answer
         if "row_error" in verdict:  # the row's own schema or reference query fails: not the model's fault
             log.warning("sql_exec: the row's schema or reference query fails: %s", verdict["row_error"])
             return None
-        if "rows" not in verdict:
+        if not isinstance(verdict.get("rows"), list):
             return 0.0
         return float(_same_result(verdict["rows"], verdict["reference"], verdict["ordered"]))
 
     return _pool_map(one, list(zip(responses, schema, answer)), workers)
 
 
-# The math checker, run inside the sandbox because it hands model text to SymPy's parser (which evaluates what it
-# parses). One verdict line per item as soon as it is known, so that an answer that hangs the checker costs only
-# itself: the host scores it 0 and checks the rest in a fresh sandbox.
-_MATH_HARNESS = r'''
-import json, sys, warnings
+# The math checker, run inside the sandbox: math-verify parses the model's text (LaTeX, or an expression of digits
+# and operators) and SymPy compares it with the gold answer. The harness imports them once, then forks one child
+# per item and kills it at per_item_s: an answer that keeps SymPy busy in C code (9^(9^9)), where no alarm can
+# interrupt it, costs per_item_s and only its own score.
+_MATH_HARNESS = r"""
+import json, os, select, signal, sys, warnings
 warnings.filterwarnings("ignore")
 nonce = sys.stdin.readline().strip()
-per_item_s = int(sys.argv[1])
+def emit(message):
+    print(json.dumps({"nonce": nonce, **message}), flush=True)
+emit({"started": True})
+per_item_s = float(sys.argv[1])
 import logging
 logging.disable(logging.WARNING)
 from math_verify import parse, verify
+inner_s = max(1, int(per_item_s) + 1)  # math-verify's own alarms: later than the kill below
+def check(gold, response):
+    target = parse(gold if "$" in gold or "\\boxed" in gold else f"${gold}$", parsing_timeout=inner_s)
+    return bool(target) and verify(target, parse(response, parsing_timeout=inner_s), timeout_seconds=inner_s)
 for i, (gold, response) in enumerate(json.load(open("items.json"))):
-    try:
-        target = parse(gold if "$" in gold or "\\boxed" in gold else f"${gold}$", parsing_timeout=per_item_s)
-        ok = bool(target) and verify(target, parse(response, parsing_timeout=per_item_s), timeout_seconds=per_item_s)
-    except BaseException:
-        ok = False
-    print(json.dumps({"nonce": nonce, "i": i, "ok": bool(ok)}), flush=True)
-'''
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            ok = check(gold, response)
+        except BaseException:
+            ok = False
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], per_item_s)
+    answer = os.read(read, 1) if ready else b""
+    os.close(read)
+    if not answer:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    emit({"i": i, "ok": answer == b"1", "timed_out": not ready})
+"""
 
 MAX_MATH_CHARS = 10_000  # the end of a longer response is checked: that is where the final answer is
 
 
 @register("math")
-def math_answer(prompts: list[str], responses: list[str], answer: list[str], *, per_item_s: int = 5,
+def math_answer(prompts: list[str], responses: list[str], answer: list[str], *, per_item_s: float = 2.0,
                 timeout_s: float = 60.0, memory_mb: int = 2048, **_) -> list[float | None]:
     """1.0 where the response's final answer (its last ``\\boxed{}``, else its last number or expression) is
     mathematically equal to the row's ``answer`` (LaTeX or plain: ``\\frac{1}{2}`` matches ``0.5``, ``(x+1)^2``
-    matches ``x^2+2x+1``), by Hugging Face's math-verify; else 0.0. It runs in the sandbox, each item under
-    ``per_item_s``; an answer that hangs the checker scores 0.0 and costs no other item its score.
+    matches ``x^2+2x+1``), by Hugging Face's math-verify; else 0.0. It runs in the sandbox, each item in a process
+    of its own killed at ``per_item_s``, so an answer that hangs the checker scores 0.0 and costs no other item its
+    score; items the batch's ``timeout_s`` leaves unchecked are None (counted failures). Keep ``reward.timeout_s``
+    above the checker's start (about 2 s) plus ``per_item_s`` for each answer that may hang.
     """
     scores: list[float | None] = [None] * len(responses)
-    todo = list(range(len(responses)))
-    limits = Limits(timeout_s=timeout_s, cpu_s=int(timeout_s), memory_mb=memory_mb)
-    while todo:
-        items = [[str(answer[i]), responses[i][-MAX_MATH_CHARS:]] for i in todo]
-        result, verdicts = _run_harness(_MATH_HARNESS, per_item_s, {"items.json": json.dumps(items)}, limits)
-        if result.error:
-            break  # the sandbox cannot run: the rest stay None (counted failures)
-        done = 0
-        for verdict in verdicts:
-            if verdict.get("i") == done:
-                scores[todo[done]] = float(verdict["ok"] is True)
-                done += 1
-        if done < len(todo):
-            if done == 0 and not (result.timed_out or result.returncode not in (0, None)):
-                break  # the checker itself fails to start: leave the rest to the fallback
-            scores[todo[done]] = 0.0  # this answer hung or crashed the checker
-            done += 1
-        todo = todo[done:]
+    items = [[str(a), r[-MAX_MATH_CHARS:]] for a, r in zip(answer, responses)]
+    limits = Limits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_mb=memory_mb)
+    try:
+        _, verdicts = _run_harness(_MATH_HARNESS, per_item_s, {"items.json": json.dumps(items)}, limits)
+    except _HarnessFailed as exc:
+        log.warning("math: batch not scored: %s", exc)
+        return scores
+    for verdict in verdicts:
+        i = verdict.get("i")
+        if isinstance(i, int) and 0 <= i < len(scores) and scores[i] is None:
+            scores[i] = float(verdict.get("ok") is True)
     return scores

@@ -566,7 +566,7 @@ def _init(spec_path: str) -> int:
                 raise OSError(f"file name {rel!r} leaves the working directory")
             path = Path(WORKDIR, rel)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            path.write_text(text, errors="replace")  # a lone surrogate in a response becomes '?'
         if spec["uid"] is not None:
             for dirpath, dirnames, filenames in os.walk(WORKDIR):
                 for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -45,6 +46,60 @@ def test_exiting_early_or_forging_the_verdict_scores_zero():
     forged = 'import json\nprint(json.dumps({"nonce": "x", "passed": [True, True, True], "error": ""}))\n' \
              "import os\nos._exit(0)"
     assert score(forged) == 0.0
+
+
+# Programs that got full marks for a wrong answer when the harness decided in the model's own process. Each reads
+# what it needs from the harness (its frame, its module) as model code can.
+FORGERS = {
+    "prints the old verdict with the harness's own nonce, then exits":
+        "import sys, json, os\nh = sys._getframe(1).f_globals\n"
+        "os.write(h['out'].fileno(), (json.dumps({'nonce': h['nonce'], 'passed': [True] * 3, 'error': ''}) + "
+        "'\\n').encode())\nos._exit(0)",
+    "reports values of its choosing for every test through the harness's emit":
+        "import sys, os\nh = sys._getframe(1).f_globals\n"
+        "for i in range(3): h['emit']({'test': i, 'values': [['b', True]], 'error': ''})\nos._exit(0)",
+    "returns an object equal to everything":
+        "class Any:\n    def __eq__(self, other): return True\ndef add(a, b): return Any()",
+    "returns an int subclass equal to everything":
+        "class I(int):\n    def __eq__(self, other): return True\n    __hash__ = int.__hash__\n"
+        "def add(a, b): return I(0)",
+    "makes AssertionError unraisable and exec a no-op":
+        "import builtins\nbuiltins.AssertionError = type('Never', (Exception,), {})\n"
+        "builtins.exec = lambda *a, **k: None\ndef add(a, b): return -7",
+    "patches json.dumps to print a passing line":
+        "import json, sys\nh = sys._getframe(1).f_globals\nreal = json.dumps\n"
+        "json.dumps = lambda obj, **k: real({**obj, 'error': '', 'values': []} if 'test' in obj else obj)\n"
+        "def add(a, b): return -7",
+    "hooks sys.settrace to skip every test":
+        "import sys\nsys.settrace(lambda *a: None)\nsys.setprofile(lambda f, e, a: (_ for _ in ()).throw(SystemExit) "
+        "if e == 'call' and f.f_code.co_filename == 'test' else None)\ndef add(a, b): return -7",
+}
+
+
+@pytest.mark.parametrize("how", list(FORGERS))
+def test_a_wrong_program_cannot_forge_its_verdict(how):
+    assert score(FORGERS[how]) == 0.0, how
+
+
+def test_changing_what_the_harness_sends_back_is_no_better_than_a_wrong_function():
+    # every value it sends becomes 3: the score of `def add(a, b): return 3`, i.e. only add(1, 2) == 3 passes
+    patched = "import sys\nsys._getframe(1).f_globals['encode'] = lambda v, d=0: ['i', '3']\ndef add(a, b): return 0"
+    assert score(patched) == pytest.approx(1 / 3)
+    assert score("def add(a, b): return 3") == pytest.approx(1 / 3)
+
+
+def test_assert_tests_read_like_python():
+    tests = ["import math", "expected = [1, 2, 3]", "assert f([3, 1, 2]) == expected",
+             "assert math.isclose(g(2), 1.4142, rel_tol=1e-3) and not g(-1)", "s = Stack()\ns.push(4)\n"
+             "assert s.pop() == 4 and len(s.items) == 0", "assert isinstance(f([]), list) and f([]) == []"]
+    good = ("def f(xs): return sorted(xs)\ndef g(x): return x ** 0.5 if x > 0 else 0\n"
+            "class Stack:\n    def __init__(self): self.items = []\n    def push(self, x): self.items.append(x)\n"
+            "    def pop(self): return self.items.pop()")
+    assert score(good, tests) == 1.0
+    wrong = good.replace("sorted(xs)", "list(xs)").replace("self.items.pop()", "self.items[-1]")
+    assert score(wrong, tests) == pytest.approx(4 / 6)  # the sort and the stack fail
+    # an assert inside a loop could only be decided in the model's process: the row is not scored
+    assert score(good, ["for x in [1, 2]:\n    assert f([x]) == [x]"]) is None
 
 
 def test_a_test_that_hangs_fails_alone():
@@ -110,3 +165,31 @@ def test_sql_cannot_write_files():
 
 def test_broken_schema_is_the_rows_fault():
     assert sql_exec([""], ["SELECT 1"], schema=["CREATE TABLE ("], answer=["SELECT 1"])[0] is None
+
+
+def test_sql_query_cannot_write_attach_or_lift_read_only():
+    assert sql("PRAGMA query_only = OFF") == 0.0
+    assert sql("ATTACH DATABASE '/sandbox/x.db' AS x") == 0.0
+    assert sql("UPDATE emp SET salary = 0 RETURNING dept, salary") == 0.0
+    assert sql("SELECT dept, AVG(salary) FROM emp GROUP BY dept") == 1.0
+
+
+def test_hostile_rows_fail_alone_and_fast():
+    """A batch mixing hostile and honest rows: each honest row keeps its exact score."""
+    good = "```python\ndef add(a, b):\n    return a + b\n```"
+    rows = [("`" * 80_000, ADD_TESTS), (good, ADD_TESTS), ("```python\n" + "(" * 100_000, ADD_TESTS),
+            ("def add(a, b):\n    return a + b if a > 0 else -1", ADD_TESTS), ("```\n" * 40_000, ADD_TESTS),
+            (good.replace("b\n", "b  # \ud800\n"), ADD_TESTS), ("import os\nwhile True: os.fork()", ADD_TESTS),
+            ("def add(a, b): return 10 ** 100_000", ADD_TESTS)]
+    start = time.monotonic()
+    scores = code_exec([""] * len(rows), [r for r, _ in rows], tests=[t for _, t in rows], timeout_s=5, workers=2)
+    assert time.monotonic() - start < 40
+    assert scores[1] == 1.0 and scores[3] == pytest.approx(2 / 3) and scores[5] == 1.0, scores
+    assert [scores[i] for i in (0, 2, 4, 6, 7)] == [0.0] * 5, scores
+
+
+def test_extract_code_is_linear_on_a_response_of_backticks():
+    start = time.monotonic()
+    for text in ("`" * 80_000, "```\n" * 40_000, "```python " * 20_000, "x```\n" * 30_000):
+        extract_code(text, "python")
+    assert time.monotonic() - start < 1.0

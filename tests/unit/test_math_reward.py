@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from rewards.execution import math_answer
@@ -17,13 +19,27 @@ def test_equivalent_answers_score_one_and_wrong_ones_zero():
 
 
 def test_an_answer_that_hangs_the_checker_costs_only_itself():
-    # 9^(9^9) has 369 million digits: SymPy works on it until an alarm or the wall clock stops it
+    # 9^(9^9) has 369 million digits: SymPy works on it in C code, where no alarm reaches it; the harness's child
+    # for that item is killed at per_item_s and the next item is checked in the same sandbox
     responses = ["\\boxed{4}", "\\boxed{9^{9^{9}}}", "\\boxed{5}"]
-    # the per-item alarm stops it, in the same sandbox
+    start = time.monotonic()
     assert math_answer([""] * 3, responses, answer=["4", "1", "5"], per_item_s=1, timeout_s=60) == [1.0, 0.0, 1.0]
-    # no alarm in time (as for a hang in C code): the sandbox is killed at the wall clock, that answer scores 0,
-    # the ones after it are checked in a fresh sandbox
-    assert math_answer([""] * 3, responses, answer=["4", "1", "5"], per_item_s=100, timeout_s=4) == [1.0, 0.0, 1.0]
+    assert time.monotonic() - start < 20
+    # the batch's own time runs out first: what was not checked is the reward's failure (None), not a 0 for the model
+    assert math_answer([""] * 3, responses, answer=["4", "1", "5"], per_item_s=100, timeout_s=6) == [1.0, None, None]
+
+
+def test_hostile_answers_in_a_batch_fail_alone_within_the_batch_timeout():
+    honest = [("\\boxed{\\frac{1}{2}}", "0.5"), ("so it is 12", "12"), ("$x = 3$", "4")]
+    hostile = [("The answer is 9**9**9**9", "1"), ("\\boxed{9^{9^{9^{9}}}}", "2"), ("{" * 5000 + "1", "1"),
+               ("\\boxed{" + "\\sqrt{" * 2000 + "2" + "}" * 2001, "2"), ("1" * 100_000, "1"),
+               ("\ud800 \\boxed{7}", "7")]
+    rows = [hostile[0], honest[0], hostile[1], hostile[2], honest[1], hostile[3], hostile[4], honest[2], hostile[5]]
+    start = time.monotonic()
+    scores = math_answer([""] * len(rows), [r for r, _ in rows], answer=[a for _, a in rows], per_item_s=1)
+    assert time.monotonic() - start < 6 + len(rows)  # the checker's start, then at most per_item_s an answer
+    assert [scores[1], scores[4], scores[7]] == [1.0, 1.0, 0.0]  # the honest rows keep their exact scores
+    assert [scores[i] for i in (0, 2, 3, 5, 6)] == [0.0] * 5
 
 
 def test_code_in_the_answer_is_not_run_outside_the_sandbox(tmp_path):
