@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import time
@@ -116,6 +117,26 @@ def _status(args: argparse.Namespace) -> int:
         return 2
 
 
+def _batch_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of rows >= 1, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chorus", description="Mixed SFT + RL post-training on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "needs (answer, schema, tests, ...)")
     score.add_argument("--args", default="{}", help='keyword arguments of the reward as a JSON object, e.g. '
                                                     '\'{"lowercase": true}\'')
-    score.add_argument("--timeout", type=float, default=60.0, help="seconds per batch before the reward fails")
-    score.add_argument("--batch", type=int, default=64, help="rows per reward call")
+    score.add_argument("--timeout", type=_seconds, default=60.0, help="seconds per batch before the reward fails")
+    score.add_argument("--batch", type=_batch_size, default=64, help="rows per reward call")
     score.set_defaults(func=_reward_score)
     status = sub.add_parser("status", help="where a run is: progress, rates, checkpoints, live counters")
     status.add_argument("run_dir", nargs="?", default="", help="the run's --run-dir")

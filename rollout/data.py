@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,9 @@ class DataError(ValueError):
 
 def load_rows(path: str | Path, kind: str, skipped: list[str] | None = None) -> list[dict]:
     """Read a JSONL or Parquet file of ``kind`` (prompts | expert | eval | responses) and check the required
-    fields. A bad row raises :class:`DataError` naming the file and line; or, when a ``skipped`` list is given, it
-    is left out and its message appended there (``data.on_bad_row: skip``). A file with no good row raises."""
+    fields. A bad row raises :class:`DataError` naming the file and line and saying what is wrong; or, when a
+    ``skipped`` list is given, it is left out and its message appended there (``data.on_bad_row: skip``). A file
+    that cannot be read at all, or has no good row, raises."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {kind} data file not found")
@@ -34,26 +36,14 @@ def load_rows(path: str | Path, kind: str, skipped: list[str] | None = None) -> 
             raise DataError(message)
         skipped.append(message)
 
-    rows, where = [], []
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
-        where = [f"{path}: row {i + 1}" for i in range(len(rows))]
-    else:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                    where.append(f"{path}:{lineno}")
-                except json.JSONDecodeError as exc:
-                    bad(f"{path}:{lineno}: not valid JSON ({exc.msg})")
+    try:
+        rows, where = _read_parquet(path) if path.suffix == ".parquet" else _read_jsonl(path, bad)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the {kind} data file ({exc.strerror or exc})") from None
     good = []
     for row, loc in zip(rows, where):
         if not isinstance(row, dict):
-            bad(f"{loc}: a row must be a JSON object")
+            bad(f"{loc}: a row must be a JSON object, got {type(row).__name__}")
         elif missing := next((key for key in REQUIRED[kind] if not isinstance(row.get(key), str)), None):
             bad(f"{loc}: field '{missing}' (a string) is missing")
         else:
@@ -61,6 +51,53 @@ def load_rows(path: str | Path, kind: str, skipped: list[str] | None = None) -> 
     if not good:
         raise DataError(f"{path}: no rows" + (f" ({len(skipped)} bad ones skipped)" if skipped else ""))
     return good
+
+
+# A JSON string escape of a UTF-16 surrogate: a lone one (not text, unencodable as UTF-8) fails far from here, in
+# msgpack or a tokenizer, unless it is caught on its line.
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _read_jsonl(path: Path, bad) -> tuple[list, list[str]]:
+    rows, where = [], []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            loc = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad(f"{loc}: not valid UTF-8 (byte {exc.start + 1} of the line, {raw[exc.start]:#04x})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if _SURROGATE.search(line):
+                    json.dumps(row, ensure_ascii=False).encode("utf-8")
+            except json.JSONDecodeError as exc:
+                bad(f"{loc}: not valid JSON ({exc.msg})")
+            except RecursionError:
+                bad(f"{loc}: JSON nested too deeply to read")
+            except UnicodeEncodeError:
+                bad(f"{loc}: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text")
+            except ValueError as exc:  # e.g. an integer of more than 4300 digits
+                bad(f"{loc}: not valid JSON ({exc})")
+            else:
+                rows.append(row)
+                where.append(loc)
+    return rows, where
+
+
+def _read_parquet(path: Path) -> tuple[list, list[str]]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, ValueError, OSError) as exc:  # not Parquet, cut short, a corrupt page
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a readable Parquet file ({reason})") from None
+    return rows, [f"{path}: row {i + 1}" for i in range(len(rows))]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -68,7 +68,7 @@ def test_bad_data_rows_are_skipped_named_and_counted(trainer):
     prompts = trainer.cfg.data.prompts
     assert trainer.skipped_rows["prompts"] == [f"{prompts}:4: not valid JSON (Expecting property name enclosed in "
                                                f"double quotes)", f"{prompts}:12: field 'answer' (a string) is missing"]
-    assert trainer.skipped_rows["expert"] == [f"{trainer.cfg.data.expert}:1: a row must be a JSON object"]
+    assert trainer.skipped_rows["expert"] == [f"{trainer.cfg.data.expert}:1: a row must be a JSON object, got list"]
     metrics = _scrape((trainer.run_dir / "metrics_url").read_text().strip())
     for kind in ("prompts", "expert", "eval"):
         assert metrics[f'chorus_data_rows_skipped_total{{dataset="{kind}"}}'] == len(BAD_LINES[kind])

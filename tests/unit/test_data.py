@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -62,7 +63,7 @@ def test_load_rows_skip_mode_leaves_bad_rows_out_and_names_each(tmp_path):
     rows = load_rows(path, "prompts", skipped)
     assert [r["prompt"] for r in rows] == ["a=", "d="]  # lines 1 and 5
     assert skipped == [f"{path}:2: not valid JSON (Expecting property name enclosed in double quotes)",
-                       f"{path}:3: a row must be a JSON object",
+                       f"{path}:3: a row must be a JSON object, got list",
                        f"{path}:4: field 'answer' (a string) is missing",
                        f"{path}:6: field 'prompt' (a string) is missing"]
     with pytest.raises(DataError, match=f"^{re.escape(str(path))}:2: not valid JSON"):
@@ -79,6 +80,76 @@ def test_load_rows_parquet_names_row(tmp_path):
                    path)
     with pytest.raises(DataError, match=f"^{re.escape(str(path))}: row 2: field 'response'"):
         load_rows(path, "expert")
+
+
+# Files a user or a pipeline gets wrong (issue 13): each gives file:line (or file) and a reason, never a traceback
+# from inside the parser; data.on_bad_row: skip leaves the bad line out and goes on.
+GOOD = '{"prompt": "a=", "answer": "a"}'
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b'{"prompt": "\xff\xfe=", "answer": "a"}', r"not valid UTF-8 \(byte 13 of the line, 0xff\)"),
+    (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply to read"),
+    (b'{"prompt": "a=", "answer": ' + b"9" * 5000 + b"}", r"not valid JSON \(Exceeds the limit"),
+    (b'{"prompt": "\\ud800=", "answer": "a"}', "a string holds a lone UTF-16 surrogate"),
+    (b'"just a string"', "a row must be a JSON object, got str"),
+    (b"42", "a row must be a JSON object, got int"),
+    (b"null", "a row must be a JSON object, got NoneType"),
+])
+def test_a_bad_line_names_file_line_and_reason_or_is_skipped(tmp_path, line, reason):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(GOOD.encode() + b"\n" + line + b"\n" + GOOD.encode() + b"\n")
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:2: {reason}"):
+        load_rows(path, "prompts")
+    skipped: list[str] = []
+    assert len(load_rows(path, "prompts", skipped)) == 2  # lines 1 and 3
+    assert len(skipped) == 1 and re.match(f"^{re.escape(str(path))}:2: {reason}", skipped[0])
+
+
+def test_a_surrogate_pair_is_text(tmp_path):
+    # an escaped emoji is two surrogates that make one character: not the lone one refused above
+    path = write_lines(tmp_path, ['{"prompt": "\\ud83d\\ude00=", "answer": "a"}'])
+    assert load_rows(path, "prompts")[0]["prompt"] == "\U0001F600="
+
+
+def test_an_empty_file_says_so(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: no rows$"):
+        load_rows(path, "prompts")
+
+
+@pytest.mark.parametrize("content", [b"", b"PAR1 not really parquet PAR1", b"\x00" * 64])
+def test_a_corrupt_parquet_file_names_the_file(tmp_path, content):
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "rows.parquet"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: not a readable Parquet file \\(.+\\)$"):
+        load_rows(path, "prompts")
+    with pytest.raises(DataError):  # a file that cannot be read at all is not a bad row to skip
+        load_rows(path, "prompts", [])
+
+
+def test_a_cut_parquet_file_names_the_file(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": f"{i}=", "answer": str(i)} for i in range(100)]), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: not a readable Parquet file"):
+        load_rows(path, "prompts")
+
+
+def test_an_unreadable_file_names_it(tmp_path):
+    path = write_lines(tmp_path, [GOOD])
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):
+            pytest.skip("root reads a file of mode 000")
+        with pytest.raises(DataError, match=f"^{re.escape(str(path))}: cannot read the prompts data file"):
+            load_rows(path, "prompts")
+    finally:
+        path.chmod(0o644)
 
 
 # --- Cursor -----------------------------------------------------------------------------------------------------

@@ -92,3 +92,34 @@ def test_the_reward_template_runs_as_the_readme_says(tmp_path):
     assert [json.loads(line)["score"] for line in proc.stdout.splitlines()] == [0.0, 1.0]
     proc = chorus(tmp_path, "reward_template:StartsWith", "rows.jsonl", "--args", '{"prefix": "Answer:"}')
     assert [json.loads(line)["score"] for line in proc.stdout.splitlines()] == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("name, content, where, reason", [
+    ("rows.jsonl", b'{"prompt": "p", "response": "r"}\n{"prompt": "\xff", "response": "r"}\n', "rows.jsonl:2",
+     "not valid UTF-8"),
+    ("rows.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n", "rows.jsonl:1", "JSON nested too deeply to read"),
+    ("rows.jsonl", b'{"prompt": "p", "response": "r"}\n"r"\n', "rows.jsonl:2", "a row must be a JSON object"),
+    ("rows.jsonl", b"", "rows.jsonl", "no rows"),
+    ("rows.parquet", b"PAR1 not really parquet PAR1", "rows.parquet", "not a readable Parquet file"),
+])
+def test_a_bad_file_names_file_line_and_reason_without_a_traceback(tmp_path, name, content, where, reason):
+    (tmp_path / name).write_bytes(content)
+    proc = chorus(tmp_path, "exact_match", name)
+    assert proc.returncode == 2, proc.stderr
+    assert f"chorus: data error: {where}: {reason}" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout and proc.stdout == ""
+
+
+@pytest.mark.parametrize("option, value, must", [
+    ("--batch", "0", "must be a whole number of rows >= 1, got '0'"),
+    ("--batch", "-5", "must be a whole number of rows >= 1, got '-5'"),
+    ("--timeout", "0", "must be a finite number of seconds > 0, got '0'"),
+    ("--timeout", "-1", "must be a finite number of seconds > 0, got '-1'"),
+    ("--timeout", "nan", "must be a finite number of seconds > 0, got 'nan'"),
+    ("--timeout", "inf", "must be a finite number of seconds > 0, got 'inf'"),
+])
+def test_batch_and_timeout_that_mean_nothing_are_refused(tmp_path, option, value, must):
+    write_rows(tmp_path / "rows.jsonl", [{"prompt": "p", "response": "r", "answer": "r"}])
+    proc = chorus(tmp_path, "exact_match", "rows.jsonl", f"{option}={value}")
+    assert proc.returncode == 2 and f"argument {option}: {must}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
