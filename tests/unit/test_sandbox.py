@@ -262,8 +262,8 @@ _AS_USER = r'''
 import json, os, sys
 from rewards.sandbox import Limits, containment, run
 secret = sys.argv[1]
-r = run([sys.executable, "-I", "main.py"], files={"main.py": f"import os\nprint(input()[::-1], os.path.exists({secret!r}))\n"
-        "open('/usr/x', 'w')"}, stdin=b"olleh\n")
+code = f"import os\nprint(input()[::-1], os.path.exists({secret!r}))\nopen('/usr/x', 'w')"
+r = run([sys.executable, "-I", "main.py"], files={"main.py": code}, stdin=b"olleh\n")
 print(json.dumps({"stdout": r.stdout.decode(), "stderr": r.stderr.decode()[-300:], "code": r.returncode,
                   "error": r.error, "containment": containment()}))
 '''
