@@ -292,9 +292,10 @@ class _CgroupLayout:
                         v1[ctrl] = (root, point)
         paths = {ctrls: path for _, ctrls, path in memberships}
         if v2 is not None and "" in paths:
-            parent = _under(*v2, paths[""])
-            if parent and _v2_delegated(parent):
-                return cls("cgroup v2", {"": parent})
+            own = _under(*v2, paths[""])
+            for parent in _v2_candidates(own, v2[1]) if own else []:
+                if _v2_delegated(parent, enable=parent == own):
+                    return cls("cgroup v2", {"": parent})
         found = {}
         for ctrl, mount in v1.items():
             member = next((path for ctrls, path in paths.items() if ctrl in ctrls.split(",")), None)
@@ -314,12 +315,21 @@ def _under(root: str, point: str, member: str) -> str | None:
     return path if os.path.isdir(path) else None
 
 
-def _v2_delegated(parent: str) -> bool:
-    """Children of ``parent`` get the memory and pids controllers (enabling them fails where ``parent`` holds
-    processes itself and is not the root: then the sandbox falls back to rlimits)."""
+def _v2_candidates(own: str, mount: str) -> list[str]:
+    """This process's cgroup, then its ancestors up to the hierarchy's root: where a sandbox cgroup may go."""
+    found = [own]
+    while found[-1].rstrip("/") != mount.rstrip("/") and found[-1] != "/":
+        found.append(os.path.dirname(found[-1].rstrip("/")))
+    return found
+
+
+def _v2_delegated(parent: str, enable: bool) -> bool:
+    """Children of ``parent`` get the memory and pids controllers. Enabling them (only tried on this process's own
+    cgroup) fails where it holds processes itself and is not the root; an ancestor that already enables them
+    (the root, when this process may write there) will do instead. Else the sandbox falls back to rlimits."""
     control = Path(parent, "cgroup.subtree_control")
     try:
-        if not {"memory", "pids"} <= set(control.read_text().split()):
+        if enable and not {"memory", "pids"} <= set(control.read_text().split()):
             control.write_text("+memory +pids")
         return {"memory", "pids"} <= set(control.read_text().split()) and os.access(parent, os.W_OK)
     except OSError:
@@ -412,7 +422,7 @@ class Cgroup:
 # Inside the sandbox: PID 1 of the new namespaces, still privileged there. Build the new root over the spec's
 # directory, pivot into it, write the working files, then fork the program with no privileges and wait for it.
 
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_BIND = 1, 2, 4, 8, 32, 4096
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_BIND, _MS_REC = 1, 2, 4, 8, 32, 4096, 16384
 _MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME, _MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
 _MNT_FLAGS = {"nosuid": _MS_NOSUID, "nodev": _MS_NODEV, "noexec": _MS_NOEXEC, "noatime": _MS_NOATIME,
               "nodiratime": _MS_NODIRATIME, "relatime": _MS_RELATIME, "strictatime": _MS_STRICTATIME}
@@ -436,27 +446,30 @@ def _mount(libc, source, target: str, fstype, flags: int, data) -> None:
         raise OSError(err, f"mount {target}: {os.strerror(err)}")
 
 
-def _flags_of(point: str) -> int:
-    """The per-mount flags of the mount at ``point`` (the newest one there). In a user namespace they are locked:
-    a remount must keep them, adding read-only."""
-    flags = 0
+def _mounts_at(top: str) -> list[tuple[str, int]]:
+    """(mount point, per-mount flags) of the mounts at ``top`` and beneath it, parents first. In a user namespace
+    the flags are locked: a remount must keep them, adding read-only."""
+    found = {}
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         fields = line.split()
-        if fields[4].encode().decode("unicode_escape") == point:  # \040 etc.
-            flags = sum(_MNT_FLAGS.get(opt, 0) for opt in fields[5].split(","))
-    return flags
+        point = fields[4].encode().decode("unicode_escape")  # \040 etc.
+        if point == top or point.startswith(top.rstrip("/") + "/"):
+            found[point] = sum(_MNT_FLAGS.get(opt, 0) for opt in fields[5].split(","))  # the newest one there
+    return sorted(found.items(), key=lambda item: item[0].count("/"))
 
 
 def _bind(libc, source: str, target: str, *, nodev: bool = True) -> None:
-    """``source`` shown read-only at ``target``, without the mounts beneath it."""
+    """``source`` shown read-only at ``target``, with the mounts beneath it (a user namespace may not bind a
+    directory without them: on GPU hosts, driver libraries are often mounted inside /usr), each made read-only."""
     if os.path.isdir(source):
         os.makedirs(target, mode=0o755, exist_ok=True)
     else:
         os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
         Path(target).touch(mode=0o644)
-    _mount(libc, source, target, None, _MS_BIND, None)
-    flags = _flags_of(target) | _MS_RDONLY | _MS_NOSUID | (_MS_NODEV if nodev else 0)
-    _mount(libc, None, target, None, _MS_REMOUNT | _MS_BIND | flags, None)
+    _mount(libc, source, target, None, _MS_BIND | _MS_REC, None)
+    for point, flags in _mounts_at(target):
+        flags |= _MS_RDONLY | _MS_NOSUID | (_MS_NODEV if nodev else 0)
+        _mount(libc, None, point, None, _MS_REMOUNT | _MS_BIND | flags, None)
 
 
 def _tmpfs(libc, target: str, size_mb: int, mode: str) -> None:
