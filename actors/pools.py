@@ -67,12 +67,20 @@ def deepspeed_group(role: str, cls: type, lc: LearnerConfig, gpu: bool, make_kwa
     group = ActorGroup(role, cls, lc.num_actors, bundle(role, lc.num_cpus, _gpus(lc.num_gpus, gpu)), make_kwargs,
                        env={**BASE_ENV, "OMP_NUM_THREADS": str(lc.num_threads)}, deadline_s=lc.deadline_s)
     try:
-        addr, port = group.all(lambda a: a.address.remote())[0]  # rank 0's node hosts the rendezvous
+        addr, port = rendezvous(group.all(lambda a: a.address.remote()))
         group.all(lambda a: a.setup.remote(addr, port))
     except BaseException:
         group.shutdown()
         raise
     return group
+
+
+def rendezvous(addresses: list[tuple[str, int]]) -> tuple[str, int]:
+    """Where the ranks of a process group meet, from each rank's (node address, free port): rank 0's node hosts it.
+    When every rank is on that node it is the loopback address, so the group listens on no network interface
+    (learners/learner.py:loopback_store); across nodes, rank 0's node address."""
+    (addr, port), *_ = addresses
+    return ("127.0.0.1" if all(a == addr for a, _ in addresses) else addr), port
 
 
 def start_pools(cfg: ChorusConfig, model_path: str, sync_dir: Path

@@ -27,6 +27,31 @@ def lr_factor(step: int, *, cfg: LearnerConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def loopback_store(rank: int, world_size: int, port: int, timeout):
+    """The process group's rendezvous store, listening on the loopback interface only (every rank on one node).
+
+    torch's TCPStore binds its server to every interface whatever its host is (the host only says where clients
+    connect), so rank 0 hands it a socket bound to 127.0.0.1 instead. The backends' own sockets follow
+    GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, set to ``lo`` unless the user set them."""
+    import socket
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    listen_fd = None
+    if rank == 0:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((LOOPBACK, port))
+        sock.listen(max(128, world_size))
+        listen_fd = sock.detach()  # the store owns it now
+    return dist.TCPStore(LOOPBACK, port, world_size, rank == 0, timeout=timeout, master_listen_fd=listen_fd)
+
+
 class DeepSpeedRank:
     """One data-parallel rank of a DeepSpeed-trained model. Construction is cheap; ``setup()`` joins the process
     group once rank 0 has said where it listens (``address()``)."""
@@ -58,7 +83,16 @@ class DeepSpeedRank:
         import deepspeed
         from transformers import AutoTokenizer
 
-        deepspeed.init_distributed(dist_backend=self.cfg.backend or ("nccl" if gpu else "gloo"))
+        backend = self.cfg.backend or ("nccl" if gpu else "gloo")
+        if master_addr == LOOPBACK:  # every rank on this node (actors/pools.py): DeepSpeed adopts this group
+            from deepspeed.constants import default_pg_timeout
+
+            torch.distributed.init_process_group(
+                backend, store=loopback_store(self.rank, self.world_size, master_port, default_pg_timeout),
+                rank=self.rank, world_size=self.world_size, timeout=default_pg_timeout,
+                # as DeepSpeed passes it: NCCL set up eagerly on this rank's GPU
+                device_id=torch.device("cuda", 0) if gpu and self.world_size > 1 else None)
+        deepspeed.init_distributed(dist_backend=backend)
         self.torch = torch
         self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
         self.pad_id = AutoTokenizer.from_pretrained(self.model_path).pad_token_id
