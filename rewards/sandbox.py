@@ -21,9 +21,10 @@ Each call is one process tree in fresh Linux namespaces, made by util-linux ``un
   address space, processes, file size and open files;
 - one limit on the memory and the number of processes of the whole tree: a cgroup of its own (v2, or the v1
   ``memory`` and ``pids`` controllers) where this process may create one (root, or a delegated subtree). Elsewhere
-  (an unprivileged user without delegation, a read-only /sys/fs/cgroup) only the rlimits hold: address space per
-  process and processes per uid, so a tree can take up to ``max_procs * memory_mb``. :func:`containment` says
-  which applies here.
+  (an unprivileged user without delegation, a read-only /sys/fs/cgroup) processes are limited per uid, and a
+  watchdog thread sums the tree's resident memory every 50 ms and kills it past ``memory_mb`` (a poll can be
+  outrun for a moment; the per-process address-space limit holds meanwhile). :func:`containment` says which
+  applies here.
 
 Before the program starts, the init checks, as the program's uid, that it can execute ``argv[0]`` and read every
 file it was given: a sandbox that cannot run the program is :attr:`Result.error` (the reward's failure, counted),
@@ -48,6 +49,7 @@ import site
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,8 +86,9 @@ class Result:
     output_limited: bool = False
     wall_s: float = 0.0
     error: str = ""  # the sandbox's own failure (setup, exec), never the program's
-    oom_killed: bool = False  # the tree reached its cgroup memory limit and the kernel killed a process of it
-    peak_memory_mb: float | None = None  # the tree's peak, read from its cgroup (None without one)
+    oom_killed: bool = False  # the tree reached its memory limit: the kernel killed a process of it (cgroup), or
+    #                           the watchdog killed the sandbox (no cgroup)
+    peak_memory_mb: float | None = None  # the tree's peak: its cgroup's, or the watchdog's (sampled) without one
     peak_procs: int | None = None  # likewise, processes and threads
 
     @property
@@ -148,8 +151,8 @@ def exposed() -> list[str]:
 
 
 def containment() -> str:
-    """Which limit holds the whole tree here: ``"cgroup v2"``, ``"cgroup v1"`` or ``"rlimits"`` (per process and
-    per uid only)."""
+    """Which limit holds the whole tree here: ``"cgroup v2"``, ``"cgroup v1"`` or ``"rlimits"`` (processes per uid,
+    memory by the watchdog)."""
     return _CgroupLayout.get().kind
 
 
@@ -182,6 +185,7 @@ def _supervise(cmd: list[str], stdin: bytes, limits: Limits, group: Cgroup | Non
 
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True, preexec_fn=before_exec)
+    watchdog = _Watchdog(proc, limits.memory_mb) if group is None else None
     fd_out, fd_err = proc.stdout.fileno(), proc.stderr.fileno()
     out = {fd_out: bytearray(), fd_err: bytearray()}
     sel = selectors.DefaultSelector()
@@ -227,6 +231,8 @@ def _supervise(cmd: list[str], stdin: bytes, limits: Limits, group: Cgroup | Non
     for stream in (proc.stdout, proc.stderr):
         stream.close()
     sel.close()
+    if watchdog is not None:
+        watchdog.stop()
     stdout, stderr = bytes(out[fd_out]), bytes(out[fd_err])
     error = ""
     if not killed and code in (SETUP_FAILED, EXEC_FAILED):
@@ -234,8 +240,59 @@ def _supervise(cmd: list[str], stdin: bytes, limits: Limits, group: Cgroup | Non
         error = f"sandbox: {error[0]}"
     if not killed and code == 1 and stderr.startswith(b"unshare:"):
         raise SandboxUnavailable(f"`unshare` refused to build the sandbox: {stderr.decode(errors='replace')}")
-    return Result(returncode=None if killed else _signed(code), stdout=stdout, stderr=stderr, timed_out=timed_out,
-                  output_limited=limited, wall_s=time.monotonic() - start, error=error)
+    result = Result(returncode=None if killed else _signed(code), stdout=stdout, stderr=stderr, timed_out=timed_out,
+                    output_limited=limited, wall_s=time.monotonic() - start, error=error)
+    if watchdog is not None:
+        result.oom_killed, result.peak_memory_mb = watchdog.tripped, watchdog.peak_mb
+    return result
+
+
+class _Watchdog(threading.Thread):
+    """Where no cgroup can be made: the tree's memory, polled. Every ``_WATCH_S`` it sums the resident memory of the
+    processes in the sandbox's PID namespace and kills the sandbox past ``memory_mb``. A poll can be outrun for a
+    moment (the per-process address-space limit still holds then), and memory shared after a fork counts once per
+    process, so this errs on the side of the host."""
+
+    def __init__(self, proc: subprocess.Popen, memory_mb: int):
+        super().__init__(daemon=True, name="sandbox-watchdog")
+        self.proc, self.limit = proc, memory_mb * _MB
+        self.tripped, self.peak_mb, self._ns = False, 0.0, None
+        self._done = threading.Event()
+        self.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+    def run(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._done.wait(_WATCH_S):
+            if self._ns is None:
+                self._ns = self._namespace()
+                continue
+            rss = 0
+            for entry in os.scandir("/proc"):
+                try:
+                    if entry.name.isdigit() and os.readlink(f"/proc/{entry.name}/ns/pid") == self._ns:
+                        rss += int(Path(f"/proc/{entry.name}/statm").read_text().split()[1]) * page
+                except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+                    pass
+            self.peak_mb = max(self.peak_mb, rss / _MB)
+            if rss > self.limit:
+                self.tripped = True
+                _kill(self.proc)
+                return
+
+    def _namespace(self) -> str | None:
+        """The PID namespace of the sandbox's init (unshare's child), once it exists."""
+        try:
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            return os.readlink(f"/proc/{children[0]}/ns/pid") if children else None
+        except OSError:
+            return None
+
+
+_WATCH_S = 0.05
 
 
 def _signed(code: int) -> int:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -170,20 +171,36 @@ def test_host_unix_sockets_are_out_of_reach(tmp_path):
         shutil.rmtree(where)
 
 
+TREE = ("import os, time\nfor _ in range(4):\n    if os.fork() == 0:\n"
+        "        x = bytearray(200 * 1024 * 1024)\n        for i in range(0, len(x), 4096): x[i] = 1\n"
+        "        time.sleep(5); os._exit(0)\n"
+        "for _ in range(4): print(os.wait())")
+
+
 @pytest.mark.skipif(containment() == "rlimits", reason="no cgroup this process may create here")
 def test_one_memory_limit_holds_the_whole_tree():
     """Four processes of 200 MiB each stay under the per-process limit (512 MiB), not under the tree's."""
-    code = ("import os, time\nfor _ in range(4):\n    if os.fork() == 0:\n"
-            "        x = bytearray(200 * 1024 * 1024)\n        for i in range(0, len(x), 4096): x[i] = 1\n"
-            "        time.sleep(5); os._exit(0)\n"
-            "for _ in range(4): print(os.wait())")
-    r = py(code, memory_mb=512, timeout_s=30)
+    r = py(TREE, memory_mb=512, timeout_s=30)
     assert r.oom_killed and b"signal" not in r.stderr, r
     assert r.peak_memory_mb is not None and r.peak_memory_mb <= 512.5, r.peak_memory_mb
     statuses = [line for line in r.stdout.decode().splitlines()]
     assert any(line.endswith(" 9)") for line in statuses), statuses  # (pid, 9): killed by the kernel
     ok = py("x = bytearray(300 * 1024 * 1024)\nprint(len(x))", memory_mb=512)
     assert ok.ok and not ok.oom_killed  # one process under the limit is fine
+
+
+def test_without_a_cgroup_the_watchdog_holds_the_tree(monkeypatch):
+    """The fallback of an ordinary user without a delegated cgroup (as the Dockerfile's pods usually are)."""
+    from rewards import sandbox
+
+    monkeypatch.setattr(sandbox._CgroupLayout, "_found", sandbox._CgroupLayout("rlimits", {}))
+    start = time.monotonic()
+    r = py(TREE, memory_mb=512, timeout_s=30)
+    assert r.oom_killed and r.returncode == -signal.SIGKILL and r.peak_memory_mb > 512, r
+    assert time.monotonic() - start < 5  # killed while the children sleep, not at the timeout
+    ok = py("x = bytearray(300 * 1024 * 1024)\nfor i in range(0, len(x), 4096): x[i] = 1\nprint(len(x))",
+            memory_mb=512)
+    assert ok.ok and not ok.oom_killed and 300 < ok.peak_memory_mb < 512, ok
 
 
 @pytest.mark.skipif(containment() == "rlimits", reason="no cgroup this process may create here")
@@ -264,8 +281,9 @@ from rewards.sandbox import Limits, containment, run
 secret = sys.argv[1]
 code = f"import os\nprint(input()[::-1], os.path.exists({secret!r}))\nopen('/usr/x', 'w')"
 r = run([sys.executable, "-I", "main.py"], files={"main.py": code}, stdin=b"olleh\n")
+tree = run([sys.executable, "-I", "main.py"], files={"main.py": sys.argv[2]}, limits=Limits(memory_mb=512))
 print(json.dumps({"stdout": r.stdout.decode(), "stderr": r.stderr.decode()[-300:], "code": r.returncode,
-                  "error": r.error, "containment": containment()}))
+                  "error": r.error, "containment": containment(), "tree_oom": tree.oom_killed}))
 '''
 
 
@@ -277,10 +295,11 @@ def test_an_ordinary_user_gets_the_same_sandbox():
         secret = home / "secret.txt"  # the user's own file: readable by that user, not by its sandbox
         secret.write_text("token")
         (home / "as_user.py").write_text(_AS_USER)
-        done = as_user([str(python), str(home / "as_user.py"), str(secret)], home=home, timeout=60)
+        done = as_user([str(python), str(home / "as_user.py"), str(secret), TREE], home=home, timeout=60)
         assert done.returncode == 0, done.stderr
         out = json.loads(done.stdout.splitlines()[-1])
         assert out["error"] == "" and out["stdout"] == "hello False\n", out
         assert out["code"] == 1 and "Read-only file system" in out["stderr"], out
+        assert out["tree_oom"], out  # its tree's memory is held too (by the watchdog where it has no cgroup)
     finally:
         shutil.rmtree(home)
