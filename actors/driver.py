@@ -94,8 +94,9 @@ class Trainer:
                 check_args(f.name, dict(f.args))
             except KeyError as exc:
                 raise ConfigError(f"config key 'reward.functions[{i}].name': {exc.args[0]}") from None
-            except TypeError as exc:
-                raise ConfigError(f"config key 'reward.functions[{i}].args': {exc}") from None
+            except TypeError as exc:  # RewardArgError names the arg at fault
+                key = f"reward.functions[{i}].args" + (f".{exc.arg}" if getattr(exc, "arg", None) else "")
+                raise ConfigError(f"config key '{key}': {exc}") from None
             try:
                 isolation(f.name, f.isolation)
             except ValueError as exc:

@@ -1,15 +1,21 @@
 """Reward functions by name.
 
-A reward is a plain function ``(prompts, responses, **fields) -> list[float | None]``: one score per response,
-``fields`` being the data rows' other columns as lists (``answer=[...]``) plus the config's ``args``. ``None``
-means "cannot score this one" and is treated like a failure (the configured fallback is used). An entry may
-instead be a dict with a ``"score"`` and named components.
+A reward is a plain function ``(prompts, responses, answer, *, scale: float = 1.0, **row_fields) ->
+list[float | None]``: one score per response. The data rows' other columns arrive as lists (``answer=[...]``) in the
+positional parameters of their name and in a ``**row_fields`` catch-all (a function without one gets only the
+columns it names). The config's ``args`` are its keyword-only parameters (after ``*``), and only those: an arg it
+does not declare, or whose value does not match the parameter's annotation (``bool``, ``int``, ``float``, ``str``,
+``list[str]``, ``dict[str, float]``, ``X | None``, ``Literal[...]``), stops the run's start naming it; a
+keyword-only parameter without a default must be given in ``args``; a column named like a keyword-only parameter
+does not reach it. ``None`` means "cannot score this one" and is treated like a failure (the configured fallback
+is used). An entry may instead be a dict with a ``"score"`` and named components.
 
 Three other shapes are accepted:
 - a class whose instances have that call: built once per reward actor with the config's ``args`` as keyword
-  arguments (load a model in ``__init__``);
+  arguments, which are then the parameters of its ``__init__`` (load a model there);
 - an ``async def`` function (or a class with an async ``__call__``): awaited where the reward runs;
-- a function of one sample, ``(prompt, response, **row) -> float | None``, wrapped with :func:`per_sample`.
+- a function of one sample, ``(prompt, response, answer, *, args..., **row) -> float | None``, wrapped with
+  :func:`per_sample`.
 
 Reference it in the config by its registered name or as ``package.module:attr``.
 
@@ -25,6 +31,8 @@ import functools
 import importlib
 import inspect
 import logging
+import types
+import typing
 from typing import Callable
 
 log = logging.getLogger("chorus.rewards")
@@ -46,9 +54,21 @@ def register(name: str) -> Callable[[RewardFn], RewardFn]:
     return wrap
 
 
+def _row_params(fn) -> tuple[set[str], bool]:
+    """The parameters of ``fn`` that row fields fill (by name, not keyword-only) and whether it has a ``**``
+    catch-all, which takes every other field."""
+    params = inspect.signature(fn).parameters.values()
+    return {p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD}, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _keyword_only(fn) -> set[str]:
+    return {p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
+
+
 def per_sample(fn: Callable[..., float | None]) -> RewardFn:
     """Turn ``fn(prompt, response, **row) -> score`` into a batched reward. An exception on one sample makes that
-    sample's score ``None`` (counted as a failure), not the batch's.
+    sample's score ``None`` (counted as a failure), not the batch's. Row fields go to ``fn``'s parameters of their
+    name and to its ``**`` catch-all, never to a keyword-only parameter (those are the config's ``args``).
 
     >>> @per_sample
     ... def longer(prompt, response, answer):
@@ -57,15 +77,15 @@ def per_sample(fn: Callable[..., float | None]) -> RewardFn:
     [1.0, 0.0]
     """
 
-    params = inspect.signature(fn).parameters
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named, takes_all = _row_params(fn)
+    args = _keyword_only(fn)
 
     @functools.wraps(fn)
     def batched(prompts: list[str], responses: list[str], **fields) -> list:
         out = []
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             # every field is a list with one value per sample; pass the ones fn takes
-            row = {k: v[i] for k, v in fields.items() if takes_all or k in params}
+            row = {k: v[i] for k, v in fields.items() if k not in args and (takes_all or k in named)}
             try:
                 out.append(fn(prompt, response, **row))
             except Exception as exc:  # one bad sample fails alone
@@ -79,48 +99,139 @@ def per_sample(fn: Callable[..., float | None]) -> RewardFn:
 
 
 def load(name: str, args: dict | None = None) -> RewardFn:
-    """The reward ``name`` ready to call as ``fn(prompts, responses, **fields)``: a class is built with ``args``,
-    a function gets ``args`` as fixed keyword arguments, an async one is run to completion on each call."""
+    """The reward ``name`` ready to call as ``fn(prompts, responses, **fields)``, its ``args`` checked and bound as
+    :func:`check_args` says: a class is built with them; a function gets them as its keyword-only arguments and, of
+    the row fields, those its other parameters name (all of them with a ``**`` catch-all); an async one is run to
+    completion on each call."""
     target, args = resolve(name), dict(args or {})
+    check_args(name, args)
     if inspect.isclass(target):
-        try:
-            fn = target(**args)
-        except TypeError as exc:
-            raise TypeError(f"reward '{name}': cannot build {target.__name__}(**{args}): {exc}") from None
-        args = {}
-    elif hasattr(target, "per_sample"):
-        fn, args = per_sample(functools.partial(target.per_sample, **args)), {}
+        fn = target(**args)
+        if not inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
+            return fn  # itself, so that its close() is found
+        named, takes_all, reserved = set(), True, set()  # a class's __call__ gets every row field
     else:
-        fn = target
-    is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
-    if is_async:
-        def call(prompts, responses, **fields):
-            return asyncio.run(fn(prompts, responses, **fields, **args))
+        if hasattr(target, "per_sample"):
+            fn = per_sample(functools.partial(target.per_sample, **args))
+        else:
+            fn = functools.partial(target, **args) if args else target
+        named, takes_all = _row_params(target)
+        reserved = _keyword_only(target)  # the args' names: a column of that name would override the config
+    is_async = inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
-        return call
-    return functools.partial(fn, **args) if args else fn
+    def call(prompts: list[str], responses: list[str], **fields) -> list:
+        fields = {k: v for k, v in fields.items() if k not in reserved and (takes_all or k in named)}
+        return asyncio.run(fn(prompts, responses, **fields)) if is_async else fn(prompts, responses, **fields)
+
+    if hasattr(fn, "close"):
+        call.close = fn.close
+    return call
+
+
+class RewardArgError(TypeError):
+    """A reward's config ``args`` hold one it does not declare, one of the wrong type, or lack a required one;
+    ``arg`` names it (None when the message is about the args as a whole)."""
+
+    def __init__(self, message: str, arg: str | None = None):
+        super().__init__(message)
+        self.arg = arg
 
 
 def check_args(name: str, args: dict) -> None:
-    """Raise KeyError for an unknown reward, TypeError for ``args`` that its class (or function, besides the
-    prompts, responses and row fields) cannot take, or that a class's static ``check_args(**args)`` rejects;
-    builds nothing, so a model a class loads is not loaded here."""
+    """Raise KeyError for an unknown reward, :class:`RewardArgError` for ``args`` it does not take: a name that is
+    not a keyword-only parameter of its function (``**row_fields`` takes row fields, not args) or a parameter of its
+    class's ``__init__``, a value that does not match that parameter's annotation, a required one missing, or what a
+    class's static ``check_args(**args)`` rejects. Builds nothing, so a model a class loads is not loaded here."""
     target = resolve(name)
     target = getattr(target, "per_sample", target)
+    is_class = inspect.isclass(target)
     try:
-        sig = inspect.signature(target)
-    except (TypeError, ValueError):  # a builtin or C callable: nothing to check
-        return
-    if inspect.isclass(target):
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a builtin or C callable (a class without __init__: no args)
+        if not is_class:
+            return
+        params = {}
+    if is_class:
+        declared = {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        where, scope = f"{target.__name__}.__init__", getattr(target.__init__, "__globals__", {})
+    else:
+        declared = {n: p for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+        code = inspect.unwrap(target) if inspect.isroutine(target) else type(target).__call__  # or an instance
+        where, scope = "its keyword-only parameters", getattr(code, "__globals__", {})
+    for arg, value in args.items():
+        if arg not in declared:
+            hint = (f"'{arg}' is a parameter that row fields fill; declare it after `*` to take it from args"
+                    if arg in params and params[arg].kind is not params[arg].VAR_KEYWORD else
+                    f"it takes {sorted(declared)} ({where})" if declared else f"it takes no args ({where})")
+            raise RewardArgError(f"reward '{name}' takes no arg '{arg}': {hint}", arg)
+        annotation = _annotation(declared[arg], scope)
+        if not _matches(value, annotation):
+            raise RewardArgError(f"reward '{name}': arg '{arg}' must be {_describe(declared[arg], annotation)}, got "
+                                 f"{type(value).__name__} {_short(value)}", arg)
+    missing = [n for n, p in declared.items() if p.default is p.empty and n not in args]
+    if missing:
+        raise RewardArgError(f"reward '{name}' needs arg '{missing[0]}' ({where})", missing[0])
+    if is_class and hasattr(target, "check_args"):  # the class's own checks, e.g. the judge's template
         try:
-            sig.bind(**args)
-            if hasattr(target, "check_args"):  # the class's own checks, e.g. the judge's template
-                target.check_args(**args)
+            target.check_args(**args)
         except (TypeError, ValueError, FileNotFoundError) as exc:
-            raise TypeError(f"reward '{name}': {exc}") from None
-    elif not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        if unknown := set(args) - set(sig.parameters):
-            raise TypeError(f"reward '{name}' takes no argument {sorted(unknown)}")
+            raise RewardArgError(f"reward '{name}': {exc}") from None
+
+
+def _annotation(param: inspect.Parameter, scope: dict):
+    """The parameter's annotation as a type (``from __future__ import annotations`` leaves a string), or None
+    where it has none or it cannot be evaluated (then its args are not type-checked)."""
+    annotation = param.annotation
+    if annotation is param.empty:
+        return None
+    if isinstance(annotation, str):
+        try:
+            annotation = eval(annotation, scope, {})  # noqa: S307  (the reward's own source, as typing does)
+        except Exception:  # noqa: BLE001  (a name only a type checker sees)
+            return None
+    return annotation
+
+
+def _matches(value, annotation) -> bool:
+    """Whether a config value (YAML or JSON: bool, int, float, str, list, dict, None) fits ``annotation``. An int
+    fits float; a bool fits neither int nor float. Annotations other than those listed in the module docstring are
+    not checked."""
+    if annotation is None or annotation is typing.Any:
+        return True
+    origin, params = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in params)
+    if origin is typing.Literal:
+        return any(value == p and type(value) is type(p) for p in params)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation is list or origin is list:
+        return isinstance(value, list) and (not params or all(_matches(v, params[0]) for v in value))
+    if annotation is dict or origin is dict:
+        return isinstance(value, dict) and (len(params) != 2 or all(
+            _matches(k, params[0]) and _matches(v, params[1]) for k, v in value.items()))
+    return True
+
+
+def _describe(param: inspect.Parameter, annotation) -> str:
+    written = param.annotation
+    if isinstance(written, str):
+        return written
+    return getattr(annotation, "__name__", None) if isinstance(annotation, type) else str(annotation).replace(
+        "typing.", "")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 ISOLATION = ("process", "thread")
