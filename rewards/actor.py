@@ -4,7 +4,9 @@ A function that raises, runs past ``timeout_s`` or returns NaN / None is counted
 get the configured fallback score; the step goes on. Each function runs in a process of its own
 (:mod:`rewards.isolation`), killed and replaced when it hangs. A function that must run in this actor's process
 (the LLM judge, which calls its engine actor through Ray) runs in a thread instead: one that hangs keeps its
-thread, counted in ``hung_calls``. Model-written code is run by the rewards that execute it, in the sandbox.
+thread, counted in ``hung_calls``. Either way a reward gets text with lone surrogates replaced by U+FFFD
+(:func:`rewards.isolation.replace_surrogates`). Model-written code is run by the rewards that execute it, in the
+sandbox.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from actors.config import RewardConfig
-from rewards.isolation import ProcessReward, RewardCallError
+from rewards.isolation import ProcessReward, RewardCallError, replace_surrogates
 from rewards.registry import isolation, load
 from rollout.types import Scored
 
@@ -42,6 +44,8 @@ class InThread:
         self.fn, self.pool, self.future, self.hung = fn, pool, None, 0
 
     def submit(self, prompts: list[str], responses: list[str], **fields) -> None:
+        # the text a reward process would get (a tokenizer refuses a lone surrogate, as msgpack does)
+        prompts, responses, fields = replace_surrogates((prompts, responses, fields))
         self.future = self.pool.submit(self.fn, prompts, responses, **fields)
 
     def result(self, timeout: float) -> list:

@@ -4,8 +4,14 @@ The reward actor calls a :class:`ProcessReward` like the function. The child (``
 the function once (a class builds its model there) and answers calls over a pair of pipes in msgpack: prompts,
 responses and row fields in, scores out; never pickle, since responses are model-written. A call past its deadline
 kills the child and everything in its process group, and removes its own TMPDIR; a child that dies (a crash, the
-OOM killer, ``os._exit``) or breaks the protocol fails its call. Either way a fresh child is started at once, so the next call finds the
-function loaded again. The child is SIGKILLed by the kernel if the reward actor dies first.
+OOM killer, ``os._exit``) or breaks the protocol fails its call. Either way a fresh child is started at once, so the
+next call finds the function loaded again. The child is SIGKILLed by the kernel if the reward actor dies first.
+
+Text crosses as UTF-8, which a lone surrogate (``"\\ud800"``, as a model's broken JSON escape or bytes decoded with
+``surrogateescape`` leave in a string) cannot be: a message that holds one is sent with :func:`replace_surrogates`
+applied, so the reward gets the text with each lone surrogate replaced by U+FFFD (and a surrogate pair joined into
+its character), and the batch is scored. A score that msgpack cannot carry (an int beyond 64 bits, an object) fails
+that item alone: it comes back as ``None`` (an int that a float holds comes back as that float).
 
 What this costs: one Python process per reward function and reward actor, and the batch's data copied through a
 pipe (a few milliseconds for a step's batch).
@@ -17,6 +23,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -44,6 +51,53 @@ def _plain(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"cannot send a {type(value).__name__} back from the reward process: return floats")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(value):
+    """``value`` with every string in it (in lists, tuples and dicts, keys too) encodable as UTF-8: a surrogate pair
+    becomes the character it encodes, a lone surrogate U+FFFD. Other values are returned as they are.
+
+    >>> replace_surrogates({"r": ["a\\ud800b", "\\ud83d\\ude00"]})
+    {'r': ['a\ufffdb', '\U0001f600']}
+    """
+    if isinstance(value, str):
+        if value.isascii() or _SURROGATE.search(value) is None:  # isascii: O(1), a flag of the string
+            return value
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {replace_surrogates(k): replace_surrogates(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [replace_surrogates(v) for v in value]
+    return value
+
+
+def _pack(message) -> bytes:
+    """``message`` in msgpack; if a string in it holds a surrogate, with :func:`replace_surrogates` applied (only
+    then: scanning every batch's text would cost every call)."""
+    try:
+        return msgpack.packb(message, default=_plain)
+    except UnicodeEncodeError:
+        return msgpack.packb(replace_surrogates(message), default=_plain)
+
+
+def _sendable(score):
+    """``score`` as msgpack can carry it: an int beyond 64 bits as a float (``None`` if no float holds it), a dict's
+    values likewise, and anything else that cannot be packed as ``None``, a failure of this item only."""
+    if isinstance(score, int) and not isinstance(score, bool) and not -(1 << 63) <= score < 1 << 64:
+        try:
+            return float(score)
+        except OverflowError:
+            return None
+    if isinstance(score, dict):
+        return {k: _sendable(v) for k, v in score.items()}
+    try:
+        _pack(score)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return score
 
 
 class ProcessReward:
@@ -97,7 +151,7 @@ class ProcessReward:
 
     def _send(self, message: dict) -> None:
         try:
-            self._requests.write(msgpack.packb(message, default=_plain))
+            self._requests.write(_pack(message))
             self._requests.flush()
         except BrokenPipeError:  # it died: the next read says how
             pass
@@ -205,9 +259,19 @@ def _serve(requests_fd: int, responses_fd: int, parent: int) -> int:
 
     def reply(message: dict) -> None:
         try:
-            data = msgpack.packb(message, default=_plain)
+            data = _pack(message)
         except (TypeError, ValueError, OverflowError) as exc:
-            data = msgpack.packb({"id": message.get("id"), "error": f"returned what cannot be sent back: {exc}"})
+            data = None
+            if "scores" in message:  # fail the items that cannot go, not the batch
+                scores = [_sendable(s) for s in message["scores"]]
+                bad = [type(s).__name__ for s, sent in zip(message["scores"], scores) if sent is None and s is not None]
+                log.warning("reward %s: %d of %d scores cannot be sent back (%s: %s; the first a %s); they count as "
+                            "failures", spec["name"], len(bad), len(scores), type(exc).__name__, exc, bad[0] if bad
+                            else "value in a dict")
+                with contextlib.suppress(TypeError, ValueError, OverflowError):
+                    data = _pack({**message, "scores": scores})
+            if data is None:
+                data = _pack({"id": message.get("id"), "error": f"returned what cannot be sent back: {exc}"})
         out.write(data)
         out.flush()
 

@@ -42,8 +42,10 @@ def char_match(prompts: list[str], responses: list[str], answer: list[str], **_)
 
 
 _CHOICE_MARKERS = (
-    # "Answer: B", "the answer is (c)"; a lower-case letter only in brackets ("the answer is a ..." picks nothing)
-    re.compile(r"[Aa]nswer\s*(?:is|:)?\s*(?:[(\[]([A-Za-z])[)\]]|([A-Z])\b(?!['-]))"),
+    # "Answer: B", "the answer is (c)"; a lower-case letter only in brackets ("the answer is a ..." picks nothing).
+    # Possessive \s*+: with "\s*(?:is|:)?\s*" every split of a long run of spaces after "answer" was tried (quadratic:
+    # "Answer" and 100k spaces took minutes).
+    re.compile(r"[Aa]nswer\s*+(?:(?:is|:)\s*+)?(?:[(\[]([A-Za-z])[)\]]|([A-Z])\b(?!['-]))"),
     re.compile(r"^\s*[(\[]?([A-Za-z])[)\].:]?\s*$"),  # the whole response is "B", "(b)", "B." or "B)"
     re.compile(r"^\s*[(\[]?([A-Z])[)\].:]\s"),  # it starts with "B) ..." or "B. ..."
 )

@@ -7,6 +7,10 @@ Components, each in [0, 1]:
 - ``keys``: share of the schema's top-level ``required`` keys present (1 when it requires none);
 - ``content``: share of the reference answer's leaf fields that the response gets right (strings compared after
   stripping and case-folding, numbers within 1e-6, booleans and null exactly).
+
+Model output is parsed within bounds, so that a hostile response scores 0 alone instead of failing its batch: a
+response over ``MAX_CHARS``, JSON nested deeper than ``MAX_DEPTH``, an integer of more than ``MAX_INT_DIGITS``
+digits, ``NaN``/``Infinity`` or a number beyond float's range does not parse (``parses`` 0, score 0).
 """
 
 from __future__ import annotations
@@ -24,12 +28,58 @@ from rewards.registry import register
 log = logging.getLogger("chorus.rewards")
 
 WEIGHTS = {"parses": 0.1, "schema": 0.3, "keys": 0.2, "content": 0.4}
-_JSON_FENCE = re.compile(r"```[ \t]*json[^\n]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+# The fence line's info string is bounded: [^\n]* scanned to the end of the text from every "```json" of a line that
+# never ends (quadratic: 14k of them took a second).
+_JSON_FENCE = re.compile(r"```[ \t]*+json[^\n]{0,200}+\n(.*?)```", re.DOTALL | re.IGNORECASE)
 MAX_CHARS = 100_000  # longer responses are not parsed at all: a flood of output is not structured output
+MAX_DEPTH = 64  # deeper values would exhaust Python's stack in the validator (a recursive schema: ~200 levels)
+MAX_INT_DIGITS = 308  # a longer integer overflows float comparisons (a 5000-digit one fails int() itself)
+
+
+def _int(text: str) -> int:
+    if len(text) - text.startswith("-") > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is beyond float's range")
+    return value
+
+
+def _constant(text: str):
+    raise ValueError(f"{text} is not JSON")
+
+
+def _depth(value) -> int:
+    """How deeply lists and dicts nest in ``value`` (a scalar: 0), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                todo.append((child, depth + 1))
+        deepest = max(deepest, depth if isinstance(item, (dict, list)) else 0)
+    return deepest
+
+
+def parse_bounded(text: str):
+    """``json.loads(text)`` within the module docstring's bounds; raises ``ValueError`` beyond them."""
+    try:
+        value = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    except RecursionError:  # deeper than the C parser goes
+        raise ValueError("nested too deeply") from None
+    if _depth(value) > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH}")
+    return value
 
 
 def extract_json(response: str):
-    """The JSON value in ``response``; raises ``ValueError`` when there is none."""
+    """The JSON value in ``response`` (parsed by :func:`parse_bounded`); raises ``ValueError`` when there is
+    none."""
     if len(response) > MAX_CHARS:
         raise ValueError(f"response of {len(response)} characters")
     candidates = _JSON_FENCE.findall(response)[-1:]
@@ -42,8 +92,8 @@ def extract_json(response: str):
     candidates.append(response)
     for text in candidates:
         try:
-            return json.loads(text)
-        except (json.JSONDecodeError, RecursionError):
+            return parse_bounded(text)
+        except ValueError:  # JSONDecodeError too
             continue
     raise ValueError("no JSON value")
 
@@ -150,5 +200,10 @@ def json_schema(prompts: list[str], responses: list[str], schema: list, answer: 
             log.warning("json_schema: the row's schema or answer is broken: %s", str(exc).splitlines()[0])
             out.append(None)
             continue
-        out.append(score_one(response, validator, row_answer, w))
+        try:
+            out.append(score_one(response, validator, row_answer, w))
+        except (RecursionError, OverflowError, ValueError) as exc:  # a value past what the validator handles
+            log.warning("json_schema: a response broke the validator (%s: %s); it scores 0", type(exc).__name__,
+                        str(exc)[:200])
+            out.append({"score": 0.0, **dict.fromkeys(WEIGHTS, 0.0)})
     return out

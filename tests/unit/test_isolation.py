@@ -43,6 +43,12 @@ def moody(prompts, responses, mode, **_):
         import numpy as np
 
         return list(np.arange(len(responses), dtype=np.float32) + 0.5)
+    if mode[0] == "unsendable":  # what msgpack cannot carry, beside what it can
+        return [10**5000, 2**70, float("inf"), object(), {"score": 1.0, "big": -10**400, "ok": 2}, 4.0]
+    if mode[0] == "echo":
+        return [{"score": float(len(r)), "text": r} for r in responses]
+    if mode[0] == "raise_text":
+        raise ValueError(responses[0])
     return [{"score": float(len(r)), "pid": os.getpid()} for r in responses]
 
 
@@ -170,10 +176,23 @@ def test_an_exception_names_its_type_and_line_and_the_process_lives_on(reward):
     assert call(reward, "ok")[0]["pid"] == pid
 
 
-def test_numpy_scores_are_sent_as_floats_and_an_object_is_an_error(reward):
+def test_numpy_scores_are_sent_as_floats_and_what_cannot_be_sent_fails_its_item_alone(reward):
     assert call(reward, "numpy") == [0.5, 1.5]
-    with pytest.raises(RewardCallError, match="cannot be sent back"):
-        call(reward, "object")
+    assert call(reward, "object") == [None, None]
+    # a 5000-digit int and an object fail alone (None); an int past 64 bits that a float holds comes as that float;
+    # inf is carried as it is (the actor gives it the fallback); a dict loses only its unsendable value
+    assert call(reward, "unsendable", responses=["r"] * 6) == [
+        None, float(2**70), float("inf"), None, {"score": 1.0, "big": None, "ok": 2}, 4.0]
+    assert call(reward, "ok")[0]["score"] == 2.0  # the same process goes on
+
+
+def test_a_lone_surrogate_reaches_the_reward_replaced_and_comes_back_in_an_error(reward):
+    # "\ud800" alone cannot be UTF-8; a pair that JSON escapes split is joined into its character
+    out = call(reward, "echo", responses=["a\ud800b", "\ud83d\ude00", "plain"])
+    assert out == [{"score": 3.0, "text": "a\ufffdb"}, {"score": 1.0, "text": "\U0001f600"},
+                   {"score": 5.0, "text": "plain"}]
+    with pytest.raises(RewardCallError, match="raised ValueError: bad \ufffd"):
+        call(reward, "raise_text", responses=["bad \ud800"])
 
 
 def test_a_large_batch_crosses_the_pipe():

@@ -72,3 +72,24 @@ def test_wrong_field_or_model_path_says_what_to_fix(sim, tmp_path, monkeypatch):
         sim(["p"], ["r"], answer=["a"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Similarity(model=str(tmp_path / "nope"))
+
+
+def test_a_mixed_batch_of_hostile_and_honest_rows_through_the_reward_actor(sim):
+    """A lone surrogate (which the tokenizer refuses) arrives replaced; floods are truncated to max_length tokens.
+    The honest rows score what they score alone, the batch fails nothing."""
+    ref = "The capital of France is Paris."
+    honest = ["Paris is the capital city of France.", "I like eating green apples."]
+    hostile = ["Paris\ud800 is the capital", "\n" * 20_000, "(" * 50_000, "answer: " * 20_000, "7" * 100_000]
+    responses = [honest[0], *hostile, honest[1]]
+    a = RewardActor(RewardConfig(functions=[RewardFnConfig(name="similarity")], timeout_s=60.0, fallback=-1.0))
+    try:
+        start = time.perf_counter()
+        scored, _ = a.score(["p"] * len(responses), responses, [{"answer": ref}] * len(responses))
+        assert time.perf_counter() - start < 30  # a hang guard on a shared CPU: about a second here
+    finally:
+        a.shutdown()
+    assert not any(s.failed for s in scored)
+    alone = sim(["p"] * 2, honest, answer=[ref] * 2)
+    assert [scored[0].total, scored[-1].total] == pytest.approx(alone, abs=1e-5)  # padding differs in a batch
+    assert all(-1.0 <= s.total <= 1.0 + 1e-6 for s in scored)
+    assert scored[1].total > 0.5  # "Paris\ufffd is the capital" still says it
