@@ -146,7 +146,11 @@ def check_resumable(cfg: ChorusConfig, checkpoint: Path) -> None:
     """The config of a resumed run may differ from the one that wrote the checkpoint only in :data:`RESUMABLE`."""
     from actors.config import load_config
 
-    then = _flat(OmegaConf.to_container(OmegaConf.structured(load_config(checkpoint / "config.yaml"))))
+    try:
+        then = _flat(OmegaConf.to_container(OmegaConf.structured(load_config(checkpoint / "config.yaml"))))
+    except ConfigError as exc:  # written before a check that now refuses one of its values
+        raise ConfigError(f"checkpoint {checkpoint.name}: the config it was written with no longer loads ({exc}); "
+                          f"fix that key in {checkpoint / 'config.yaml'} to the value this run uses") from None
     now = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
     changed = sorted(k for k in then.keys() | now.keys()
                      if then.get(k) != now.get(k) and not k.startswith(RESUMABLE))

@@ -241,3 +241,16 @@ def test_start_finds_the_checkpoint_or_refuses_to_mix_runs(tmp_path):
     with pytest.raises(ConfigError, match="'train.steps': 3 is fewer than the 4"):
         ckpt.start_from(load_config(ROOT / "configs" / "smoke.yaml", ["train.steps=3"]), run, run / "checkpoints",
                         resume=True)
+
+
+def test_a_checkpoint_config_that_no_longer_validates_is_named(tmp_path):
+    # a run written before a check existed (here reward.timeout_s 0, refused since): the resume names the file
+    path = _write(tmp_path, 4)
+    text = (path / "config.yaml").read_text()
+    (path / "config.yaml").write_text(text.replace("timeout_s: 10.0", "timeout_s: 0.0", 1))
+    assert (path / "config.yaml").read_text() != text
+    with pytest.raises(ConfigError) as err:
+        ckpt.check_resumable(load_config(ROOT / "configs" / "smoke.yaml"), path)
+    message = str(err.value)
+    assert "checkpoint step-00000004: the config it was written with no longer loads" in message
+    assert "'reward.timeout_s'" in message and str(path / "config.yaml") in message
