@@ -113,14 +113,16 @@ def start_from(cfg: ChorusConfig, run_dir: Path, root: Path, *, resume: bool) ->
 
 
 def logged_steps(path: Path) -> int:
-    """Step records in a run's metrics.jsonl (0 if there is none; a line cut short by a kill is not one)."""
+    """Step records in a run's metrics.jsonl (0 if there is none; a line cut short by a kill and the final
+    evaluation's record are not ones)."""
     if not path.is_file():
         return 0
     count = 0
     with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
-                count += isinstance(json.loads(line).get("step"), int)
+                record = json.loads(line)
+                count += isinstance(record.get("step"), int) and not record.get("final")
             except (ValueError, AttributeError, RecursionError):
                 continue
     return count

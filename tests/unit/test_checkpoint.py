@@ -175,13 +175,13 @@ def test_fsync_dir_tolerates_a_file_system_that_cannot(tmp_path, monkeypatch, ca
 
 def _run_dir(tmp_path: Path, steps: int, checkpoint_dir: str = "") -> Path:
     """A run dir as a run of ``steps`` logged steps leaves it: config.yaml (with its checkpoint.dir) and
-    metrics.jsonl, with a last line cut short by a kill."""
+    metrics.jsonl, its final evaluation's record (not a step) and a last line cut short by a kill."""
     run = tmp_path / "run"
     run.mkdir()
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"checkpoint.dir={checkpoint_dir}"] if checkpoint_dir else [])
     (run / "config.yaml").write_text(to_yaml(cfg))
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in range(steps))
-                                       + '{"step": 9, "lo')
+    records = [{"step": s, "loss": 0.5} for s in range(steps)] + ([{"step": steps, "final": True}] if steps else [])
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 9, "lo')
     return run
 
 
