@@ -86,7 +86,8 @@ def start_from(cfg: ChorusConfig, run_dir: Path, root: Path, *, resume: bool) ->
     complete checkpoint under ``root`` must accept the config; and a run dir whose metrics.jsonl has logged steps
     needs a checkpoint: starting it again from step 0 would move every record aside, most often because
     ``checkpoint.dir`` points elsewhere than when the run wrote them. A run dir with no logged step starts from
-    step 0 (how a job that always passes --resume starts a fresh run)."""
+    step 0 (how a job that always passes --resume starts a fresh run), and so does one that logged fewer steps than
+    ``checkpoint.every`` into the checkpoint dir it names (no checkpoint was due yet)."""
     log_path = run_dir / "metrics.jsonl"
     if not resume:
         if log_path.exists():
@@ -104,12 +105,24 @@ def start_from(cfg: ChorusConfig, run_dir: Path, root: Path, *, resume: bool) ->
                               f"steps checkpoint {found[0]} holds; resume with train.steps >= {found[1]['step']}")
         return found
     steps = logged_steps(log_path)
-    if steps:
+    if steps and not _none_due(cfg, run_dir, root, steps):
         setting = f"checkpoint.dir = {cfg.checkpoint.dir}" if cfg.checkpoint.dir else "the default, RUN_DIR/checkpoints"
         raise ConfigError(f"--resume: no complete checkpoint in {root} ({setting}), but {log_path} holds {steps} "
                           f"step records.{_elsewhere(run_dir, root)} Resume with the checkpoint.dir that run wrote to; "
                           f"or, to start it again from step 0, move metrics.jsonl aside")
     return None
+
+
+def _none_due(cfg: ChorusConfig, run_dir: Path, root: Path, steps: int) -> bool:
+    """Whether the run never reached a checkpoint: fewer logged steps than ``checkpoint.every`` (or none periodic),
+    with the checkpoint dir its last start recorded. Then step 0 is where it resumes (a KubeRay retry of a job that
+    died before its first checkpoint), its records moving aside as a rollback does."""
+    try:
+        then = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        recorded = Path((then.get("checkpoint") or {}).get("dir") or run_dir / "checkpoints")
+    except (OSError, ValueError, AttributeError, TypeError, yaml.YAMLError):
+        return False
+    return recorded.resolve() == root.resolve() and (cfg.checkpoint.every == 0 or steps < cfg.checkpoint.every)
 
 
 def logged_steps(path: Path) -> int:

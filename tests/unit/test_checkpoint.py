@@ -186,14 +186,27 @@ def _run_dir(tmp_path: Path, steps: int, checkpoint_dir: str = "") -> Path:
 
 
 def test_resume_without_a_checkpoint_of_a_run_with_logged_steps_stops_saying_where_it_looked(tmp_path):
-    smoke = load_config(ROOT / "configs" / "smoke.yaml")
-    run = _run_dir(tmp_path, 3)
+    smoke = load_config(ROOT / "configs" / "smoke.yaml")  # checkpoint.every 4: one was due after step 4
+    run = _run_dir(tmp_path, 5)
     with pytest.raises(ConfigError) as err:
         ckpt.start_from(smoke, run, run / "checkpoints", resume=True)
     message = str(err.value)
     assert f"no complete checkpoint in {run / 'checkpoints'} (the default, RUN_DIR/checkpoints)" in message
-    assert f"{run / 'metrics.jsonl'} holds 3 step records" in message and "move metrics.jsonl aside" in message
+    assert f"{run / 'metrics.jsonl'} holds 5 step records" in message and "move metrics.jsonl aside" in message
     assert not (run / "metrics.rolled_back.jsonl").exists()
+
+
+def test_a_run_that_died_before_its_first_checkpoint_resumes_from_step_0(tmp_path):
+    # a KubeRay retry: 3 steps logged, checkpoint.every 4, the same checkpoint dir: nothing was lost, start again
+    smoke = load_config(ROOT / "configs" / "smoke.yaml")
+    run = _run_dir(tmp_path, 3)
+    assert ckpt.start_from(smoke, run, run / "checkpoints", resume=True) is None
+    with pytest.raises(ConfigError, match="no complete checkpoint"):  # but not with another checkpoint dir
+        ckpt.start_from(smoke, run, tmp_path / "elsewhere", resume=True)
+    no_periodic = load_config(ROOT / "configs" / "smoke.yaml", ["checkpoint.every=0"])
+    (tmp_path / "b").mkdir()
+    assert ckpt.start_from(no_periodic, _run_dir(tmp_path / "b", 50), tmp_path / "b" / "run" / "checkpoints",
+                           resume=True) is None
 
 
 def test_resume_with_a_changed_checkpoint_dir_names_both_dirs(tmp_path):
