@@ -10,17 +10,18 @@ verdict and exit. So the host splits each assert in two (:func:`plan`):
   ``or`` / ``not``, subscripts, names bound by a literal assignment in an earlier statement, and a few pure
   builtins (``len``, ``sorted``, ``abs``, ``math.isclose`` ...; :data:`SAFE_CALLS`).
 
-The sandbox never sees the expected values, so the values it returns can pass only by being right: whatever the
-model's process does, it acts like some implementation of ``f``. Statements other than top-level asserts (imports,
+The sandbox never sees the expected values (a name bound to a literal in the tests, ``expected = [1, 3]``, is
+the host's, sent to the sandbox only if code there reads it), so the values it returns can pass only by being
+right: whatever the model's process does, it acts like some implementation of ``f``. Statements other than top-level asserts (imports,
 helper definitions, ``s = Stack()``) run in the sandbox in order. An assert nested inside another statement (a
 loop, a function) would be decided in the model's process: such a test is refused (:class:`Uncheckable`), and the
 row is not scored (the reward's failure, counted), rather than scored by a verdict the model could forge.
 
-    >>> steps, checks = plan(["x = 4", "assert f(x) - 1 == x"], {})
-    >>> steps
-    [[['exec', 'x = 4']], [['eval', 'f(x)']]]
-    >>> holds(checks[1][0], [5])
-    True
+    >>> steps, checks = plan(["x = 4", "want = [1, 2]", "assert f(x) - 1 == x", "assert g() == want"])
+    >>> steps  # want never reaches the sandbox; x does, as f's input
+    [[], [], [['exec', 'x = 4'], ['eval', 'f(x)']], [['eval', 'g()']]]
+    >>> holds(checks[2][0], [5]), holds(checks[3][0], [[1, 2]])
+    (True, True)
 """
 
 from __future__ import annotations
@@ -118,22 +119,33 @@ class _Split(ast.NodeTransformer):
         if isinstance(node, (ast.expr_context, ast.operator, ast.boolop, ast.cmpop, ast.unaryop, ast.keyword)) \
                 or _on_host(node, self.names):
             return self.generic_visit(node)
-        self.evals.append(ast.unparse(node))
+        self.evals.append(node)
         return ast.Name(id=f"_v{self.first + len(self.evals) - 1}", ctx=ast.Load())
 
 
-def plan(tests: list[str], env: dict) -> tuple[list[list[list[str]]], list[list[Check]]]:
+def plan(tests: list[str]) -> tuple[list[list[list[str]]], list[list[Check]]]:
     """The sandbox's steps per test (``["exec", source]`` or ``["eval", source]``, in order) and the host's checks
-    per test. ``env`` holds the names bound by literal assignments so far (updated: tests share one namespace, as
-    they do in the sandbox). Raises :class:`Uncheckable` (naming the test) or SyntaxError."""
+    per test. Tests share one namespace, as in the sandbox. A name bound to a literal (``expected = [1, 2]``) is the
+    host's; the sandbox is sent its assignment only when code it runs reads it, so an expected value the checks
+    alone use never enters the sandbox. Raises :class:`Uncheckable` (naming the test) or SyntaxError."""
     steps, checks = [], []
+    env, sources, sent = {}, {}, set()  # the host's names: values, their literal source, those the sandbox has
+
+    def send(nodes: list[ast.AST], out: list) -> None:
+        """Assign, in the sandbox, the host's names ``nodes`` read that it does not have yet."""
+        for node in (n for top in nodes for n in ast.walk(top)):
+            if isinstance(node, ast.Name) and node.id in sources and node.id not in sent:
+                out.append(["exec", f"{node.id} = {sources[node.id]}"])
+                sent.add(node.id)
+
     for i, test in enumerate(tests):
         test_steps, test_checks, n_values = [], [], 0
         for stmt in ast.parse(test, f"test {i + 1}").body:
             if isinstance(stmt, ast.Assert):
                 split = _Split(set(env), n_values)
                 expr = split.visit(ast.parse(ast.unparse(stmt.test), mode="eval").body)
-                test_steps += [["eval", src] for src in split.evals]
+                send(split.evals, test_steps)
+                test_steps += [["eval", ast.unparse(node)] for node in split.evals]
                 test_checks.append(Check(expr, n_values, dict(env)))
                 n_values += len(split.evals)
                 continue
@@ -141,20 +153,50 @@ def plan(tests: list[str], env: dict) -> tuple[list[list[list[str]]], list[list[
                 raise Uncheckable(f"test {i + 1} has an assert inside a {type(stmt).__name__.lower()} statement: "
                                   "it would be decided in the model's process, where it can be forged; write each "
                                   "check as a top-level assert")
-            test_steps.append(["exec", ast.unparse(stmt)])
-            for node in ast.walk(stmt):  # names the sandbox (re)binds are no longer the host's to know
-                if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
-                    env.pop(node.id, None)
             if isinstance(stmt, ast.Assign) and all(isinstance(t, ast.Name) for t in stmt.targets) \
                     and _all_on_host(stmt.value, set(env)):
                 try:
                     value = _eval(stmt.value, env)
-                except Exception:  # noqa: BLE001  (the sandbox will fail on it too)
+                except Exception:  # noqa: BLE001  (not the host's after all: the sandbox runs it)
+                    pass
+                else:
+                    inlined = _Inline(sources).visit(copy.deepcopy(stmt.value))
+                    for target in stmt.targets:
+                        env[target.id], sources[target.id] = value, ast.unparse(inlined)
+                        sent.discard(target.id)
                     continue
-                env.update({t.id: value for t in stmt.targets})
+            send([stmt], test_steps)
+            test_steps.append(["exec", ast.unparse(stmt)])
+            for name in _bound(stmt):  # names the sandbox (re)binds are no longer the host's to know
+                env.pop(name, None), sources.pop(name, None), sent.discard(name)
         steps.append(test_steps)
         checks.append(test_checks)
     return steps, checks
+
+
+class _Inline(ast.NodeTransformer):
+    """The host's names in a literal replaced by their own literal source."""
+
+    def __init__(self, sources: dict[str, str]):
+        self.sources = sources
+
+    def visit_Name(self, node):
+        return ast.parse(self.sources[node.id], mode="eval").body if node.id in self.sources else node
+
+
+def _bound(stmt: ast.stmt) -> set[str]:
+    """The names ``stmt`` may bind: assignment targets, definitions, imports."""
+    names = set()
+    for node in ast.walk(stmt):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            names.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.alias):
+            names.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            names.update(node.names)
+    return names
 
 
 def _all_on_host(node: ast.AST, names: set[str]) -> bool:

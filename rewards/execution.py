@@ -177,7 +177,7 @@ def _io_tests(code: str, tests: list[dict], limits: Limits) -> list[bool]:
 
 
 def _assert_tests(code: str, tests: list[str], per_test_s: float, limits: Limits) -> list[bool]:
-    steps, row_checks = checks.plan(tests, {})
+    steps, row_checks = checks.plan(tests)
     _, messages = _run_harness(_PY_HARNESS, per_test_s, limits=limits,
                                files={"solution.py": code, "plan.json": json.dumps(steps)})
     reported = {}

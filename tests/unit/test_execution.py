@@ -76,6 +76,13 @@ FORGERS = {
 }
 
 
+def test_an_expected_value_bound_in_the_tests_never_enters_the_sandbox():
+    tests = ["expected = [1, 2, 3]", "assert f([3, 1, 2]) == expected", "data = [5, 4]", "assert f(data) == [4, 5]"]
+    assert score("def f(xs): return sorted(xs)", tests) == 1.0
+    # the solution's globals are the tests' namespace: it finds data (an input it is given) but not expected
+    assert score("def f(xs): return globals().get('expected', sorted(xs)[::-1])", tests) == pytest.approx(2 / 4)
+
+
 @pytest.mark.parametrize("how", list(FORGERS))
 def test_a_wrong_program_cannot_forge_its_verdict(how):
     assert score(FORGERS[how]) == 0.0, how
