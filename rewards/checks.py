@@ -12,10 +12,11 @@ verdict and exit. So the host splits each assert in two (:func:`plan`):
 
 The sandbox never sees the expected values (a name bound to a literal in the tests, ``expected = [1, 3]``, is
 the host's, sent to the sandbox only if code there reads it), so the values it returns can pass only by being
-right: whatever the model's process does, it acts like some implementation of ``f``. Statements other than top-level asserts (imports,
-helper definitions, ``s = Stack()``) run in the sandbox in order. An assert nested inside another statement (a
-loop, a function) would be decided in the model's process: such a test is refused (:class:`Uncheckable`), and the
-row is not scored (the reward's failure, counted), rather than scored by a verdict the model could forge.
+right: whatever the model's process does, it acts like some implementation of ``f``. Statements other than
+top-level asserts (imports, helper definitions, ``s = Stack()``) run in the sandbox in order. An assert nested
+inside another statement (a loop, a function) would be decided in the model's process: such a test is refused
+(:class:`Uncheckable`), and the row is not scored (the reward's failure, counted), rather than scored by a verdict
+the model could forge.
 
     >>> steps, checks = plan(["x = 4", "want = [1, 2]", "assert f(x) - 1 == x", "assert g() == want"])
     >>> steps  # want never reaches the sandbox; x does, as f's input
