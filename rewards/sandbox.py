@@ -54,10 +54,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# Exit codes of the sandbox's init, for failures before the program starts.
-SETUP_FAILED = 125
-EXEC_FAILED = 126
-
 WORKDIR = "/sandbox"  # the program's working directory, inside the sandbox
 
 
@@ -103,7 +99,8 @@ class _Spec:
     limits: dict
     uid: int | None  # None: stay the (user-namespace) root, capabilities dropped
     nproc: int
-    expose: list[str]  # host directories visible (read-only) at their own path: the Python installation
+    expose: list[list[str]]  # [host directory, where the sandbox shows it] (read-only): the Python installation
+    status_fd: int  # the init's report to the host (see _init), which the program never holds
     env: dict = field(default_factory=dict)
 
 
@@ -120,34 +117,77 @@ def run(argv: list[str], *, files: dict[str, str] | None = None, stdin: bytes = 
     root = os.geteuid() == 0
     host_dir = tempfile.mkdtemp(prefix="chorus-sandbox-")  # 0700; the init mounts the new root over it
     group = Cgroup.create(limits)
+    status_r, status_w = os.pipe()
     try:
         spec = _Spec(argv=list(argv), files=dict(files or {}), limits=asdict(limits),
                      uid=_private_uid() if root else None,
                      nproc=limits.max_procs if root else _processes_of(os.getuid()) + limits.max_procs,
-                     expose=exposed(), env=dict(env or {}))
+                     expose=exposed(), status_fd=status_w, env=dict(env or {}))
         spec_path = Path(host_dir, ".spec.json")
         spec_path.write_text(json.dumps(asdict(spec)))
         cmd = [*_UNSHARE, *([] if root else ["--user", "--map-root-user"]),
                sys.executable, "-I", "-S", str(Path(__file__).resolve()), str(spec_path)]
-        result = _supervise(cmd, stdin, limits, group)
+        result = _supervise(cmd, stdin, limits, group, status_w)
+        os.close(status_w)
+        status_w = None
+        result.error = _setup_error(_read_all(status_r), result)
         if group is not None:
             result.oom_killed, result.peak_memory_mb, result.peak_procs = group.report()
         return result
     finally:
+        for fd in (status_r, status_w):
+            if fd is not None:
+                os.close(fd)
         if group is not None:
             group.remove()
         shutil.rmtree(host_dir, ignore_errors=True)
 
 
-def exposed() -> list[str]:
-    """The host directories the sandbox shows besides the system ones: the Python installation (``sys.prefix``,
-    ``sys.base_prefix``) and the directories its packages live in (a venv's site-packages, or one a ``.pth``
-    file names), resolved; never ``/`` or a directory holding another of them twice."""
-    found = {sys.prefix, sys.base_prefix, *site.getsitepackages()}
-    found |= {p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))}
-    found = {os.path.realpath(p) for p in found if p and os.path.isdir(p)}
-    found = {p for p in found if p != "/" and not (p + "/").startswith(_SYSTEM)}
-    return sorted(p for p in found if not any(p.startswith(q + "/") for q in found))
+def _read_all(fd: int) -> str:
+    """What the init reported: every writer is gone once the sandbox is (the program never held the pipe)."""
+    os.set_blocking(fd, False)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:  # a writer still open: only if the sandbox outlived its kill, which it cannot
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _setup_error(status: str, result: Result) -> str:
+    """The sandbox's own failure from the init's report, never from what the program wrote or how it exited: a
+    program may print "unshare: ..." or exit 125 without passing for the sandbox's failure."""
+    lines = status.splitlines()
+    if not lines or lines[0] != "init":  # unshare never started the init
+        if result.returncode is None:  # killed at the deadline before the init ran: a stalled host
+            return "sandbox: the init did not start before the timeout"
+        stderr = result.stderr.decode(errors="replace").strip()
+        if stderr.startswith("unshare:"):
+            raise SandboxUnavailable(f"`unshare` refused to build the sandbox: {stderr}")
+        return f"sandbox: the init did not start: {stderr[:300] or f'exit {result.returncode}'}"
+    return f"sandbox: {lines[1]}" if len(lines) > 1 else ""
+
+
+def exposed() -> list[list[str]]:
+    """The host directories the sandbox shows besides the system ones, as ``[real path, path shown]``: the Python
+    installation (``sys.prefix``, ``sys.base_prefix``) and the directories its packages live in (a venv's
+    site-packages, or one a ``.pth`` file names), each at its real path and, where that differs, at the path this
+    process knows it by (a venv reached through a symlink: ``sys.executable`` names that path). Never ``/``, and
+    never a directory another one already shows."""
+    given = {sys.prefix, sys.base_prefix, *site.getsitepackages()}
+    given |= {p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))}
+    pairs = set()
+    for path in (p for p in given if p and os.path.isdir(p)):
+        real = os.path.realpath(path)
+        pairs |= {(real, real), (real, os.path.abspath(path))}
+    pairs = {(src, dst) for src, dst in pairs if dst != "/" and not (dst + "/").startswith(_SYSTEM)}
+    shown = {(src, dst) for src, dst in pairs  # left out: inside another pair, the same way round
+             if not any(dst.startswith(d + "/") and src == s + dst[len(d):] for s, d in pairs)}
+    return sorted([src, dst] for src, dst in shown)
 
 
 def containment() -> str:
@@ -172,7 +212,7 @@ def _processes_of(uid: int) -> int:
     return n
 
 
-def _supervise(cmd: list[str], stdin: bytes, limits: Limits, group: Cgroup | None) -> Result:
+def _supervise(cmd: list[str], stdin: bytes, limits: Limits, group: Cgroup | None, status_fd: int) -> Result:
     start = time.monotonic()
     prctl = _libc().prctl  # looked up before the fork: the child between fork and exec only calls it
     join = group.joiner() if group is not None else (lambda: None)
@@ -184,7 +224,7 @@ def _supervise(cmd: list[str], stdin: bytes, limits: Limits, group: Cgroup | Non
         join()  # into the tree's cgroup before anything forks, so that every descendant is counted
 
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, preexec_fn=before_exec)
+                            start_new_session=True, preexec_fn=before_exec, pass_fds=(status_fd,))
     watchdog = _Watchdog(proc, limits.memory_mb) if group is None else None
     fd_out, fd_err = proc.stdout.fileno(), proc.stderr.fileno()
     out = {fd_out: bytearray(), fd_err: bytearray()}
@@ -233,15 +273,9 @@ def _supervise(cmd: list[str], stdin: bytes, limits: Limits, group: Cgroup | Non
     sel.close()
     if watchdog is not None:
         watchdog.stop()
-    stdout, stderr = bytes(out[fd_out]), bytes(out[fd_err])
-    error = ""
-    if not killed and code in (SETUP_FAILED, EXEC_FAILED):
-        error = stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit {code}"]
-        error = f"sandbox: {error[0]}"
-    if not killed and code == 1 and stderr.startswith(b"unshare:"):
-        raise SandboxUnavailable(f"`unshare` refused to build the sandbox: {stderr.decode(errors='replace')}")
-    result = Result(returncode=None if killed else _signed(code), stdout=stdout, stderr=stderr, timed_out=timed_out,
-                    output_limited=limited, wall_s=time.monotonic() - start, error=error)
+    result = Result(returncode=None if killed else _signed(code), stdout=bytes(out[fd_out]),
+                    stderr=bytes(out[fd_err]), timed_out=timed_out, output_limited=limited,
+                    wall_s=time.monotonic() - start)
     if watchdog is not None:
         result.oom_killed, result.peak_memory_mb = watchdog.tripped, watchdog.peak_mb
     return result
@@ -270,13 +304,15 @@ class _Watchdog(threading.Thread):
             if self._ns is None:
                 self._ns = self._namespace()
                 continue
-            rss = 0
+            rss, memfds = 0, {}
             for entry in os.scandir("/proc"):
                 try:
                     if entry.name.isdigit() and os.readlink(f"/proc/{entry.name}/ns/pid") == self._ns:
                         rss += int(Path(f"/proc/{entry.name}/statm").read_text().split()[1]) * page
+                        memfds.update(_memfds(entry.name))
                 except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
                     pass
+            rss += sum(memfds.values())
             self.peak_mb = max(self.peak_mb, rss / _MB)
             if rss > self.limit:
                 self.tripped = True
@@ -293,6 +329,19 @@ class _Watchdog(threading.Thread):
 
 
 _WATCH_S = 0.05
+
+
+def _memfds(pid: str) -> dict[tuple[int, int], int]:
+    """The anonymous files (memfd_create) process ``pid`` holds open, by inode: memory no RSS shows."""
+    found = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:"):
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+                found[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+        except OSError:
+            pass
+    return found
 
 
 def _signed(code: int) -> int:
@@ -328,6 +377,7 @@ class _CgroupLayout:
     def get(cls) -> _CgroupLayout:
         if cls._found is None:
             cls._found = cls._find()
+            cls._found.sweep()
         return cls._found
 
     @classmethod
@@ -362,6 +412,19 @@ class _CgroupLayout:
         if set(found) == {"memory", "pids"}:
             return cls("cgroup v1", found)
         return cls("rlimits", {})
+
+    def sweep(self) -> None:
+        """Remove the cgroups of sandboxes whose host process died before it could (a SIGKILL mid-run): named
+        ``chorus-sandbox-<pid>-...``, empty once their tree is gone."""
+        for parent in self.parents.values():
+            for name in os.listdir(parent):
+                if name.startswith("chorus-sandbox-"):
+                    pid = name.split("-")[2]
+                    if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                        try:
+                            os.rmdir(os.path.join(parent, name))
+                        except OSError:  # still holds a process: leave it
+                            pass
 
 
 def _under(root: str, point: str, member: str) -> str | None:
@@ -398,6 +461,7 @@ class Cgroup:
 
     def __init__(self, kind: str, dirs: dict[str, str]):
         self.kind, self.dirs = kind, dirs  # controller ("" for v2) -> the cgroup's directory
+        self._fds: list[int] = []  # its cgroup.procs files, open for the sandbox's first process to join
 
     @classmethod
     def create(cls, limits: Limits) -> Cgroup | None:
@@ -460,7 +524,7 @@ class Cgroup:
 
     def remove(self) -> None:
         """Remove the cgroups; the kernel refuses while a killed process of the tree is still exiting."""
-        for fd in getattr(self, "_fds", []):
+        for fd in self._fds:
             os.close(fd)
         self._fds = []
         for path in self.dirs.values():
@@ -550,8 +614,8 @@ def _build_root(libc, new: str, spec: dict) -> None:
     for name in _ETC:
         if os.path.isfile(f"/etc/{name}"):
             _bind(libc, f"/etc/{name}", f"{new}/etc/{name}")
-    for path in spec["expose"]:
-        _bind(libc, path, new + path)
+    for source, target in spec["expose"]:
+        _bind(libc, source, new + target)
     for name in _DEVICES:
         if os.path.exists(f"/dev/{name}"):
             _bind(libc, f"/dev/{name}", f"{new}/dev/{name}", nodev=False)
@@ -578,6 +642,24 @@ def _pivot(libc, new: str) -> None:
         raise OSError(err, f"umount the old root: {os.strerror(err)}")
     os.rmdir("/.old")
     _mount(libc, None, "/", None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
+
+
+def _limit_namespaces(spec: dict) -> None:
+    """Limits kept inside the sandbox's own namespaces. Its IPC namespace: SysV shared memory at most memory_mb (no
+    process holds a segment's memory, so neither the watchdog nor an OOM kill would free it). As root: the init
+    itself out of the OOM killer's reach where the host allows it, so that a kill frees the program's memory. In a user
+    namespace (no cgroup as a rule): no nested user namespace, in which the program could mount a tmpfs of any
+    size, memory no process holds."""
+    mb = spec["limits"]["memory_mb"]
+    Path("/proc/sys/kernel/shmmax").write_text(str(mb * _MB))
+    Path("/proc/sys/kernel/shmall").write_text(str(mb * _MB // os.sysconf("SC_PAGE_SIZE")))
+    if spec["uid"] is not None:
+        try:
+            Path("/proc/self/oom_score_adj").write_text("-1000")
+        except OSError:  # refused on some hosts; the program's +1000 still makes it the one the killer takes
+            pass
+    else:
+        Path("/proc/sys/user/max_user_namespaces").write_text("0")
 
 
 def _drop_privileges(libc, spec: dict) -> None:
@@ -626,9 +708,14 @@ def _check_access(spec: dict) -> None:
 
 
 def _init(spec_path: str) -> int:
+    """PID 1 of the sandbox. It reports to the host on the status pipe, which the program never holds: "init" once
+    it runs, then one line if the program could not be started (setup, exec); the exit code is the program's."""
     spec = json.loads(Path(spec_path).read_text())
+    status = spec["status_fd"]
+    os.write(status, b"init\n")
     libc = _libc()
     try:
+        _limit_namespaces(spec)
         _build_root(libc, os.path.dirname(spec_path), spec)
         _pivot(libc, os.path.dirname(spec_path))
         for rel, text in spec["files"].items():
@@ -643,19 +730,22 @@ def _init(spec_path: str) -> int:
                     os.chown(name, spec["uid"], spec["uid"])
         os.chdir(WORKDIR)
     except Exception as exc:  # noqa: BLE001  (whatever it is, the program must not start)
-        print(f"setup failed: {exc}", file=sys.stderr)
-        return SETUP_FAILED
+        os.write(status, f"setup failed: {exc}\n".encode())
+        return 1
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": WORKDIR, "TMPDIR": "/tmp", "LANG": "C.UTF-8",
            "PYTHONDONTWRITEBYTECODE": "1", **spec["env"]}
     pid = os.fork()
     if pid == 0:
         try:
+            os.set_inheritable(status, False)  # closed by the exec: the program never holds it
+            Path("/proc/self/oom_score_adj").write_text("1000")  # the first the OOM killer takes, never the init
             _drop_privileges(libc, spec)
             _check_access(spec)
             os.execve(spec["argv"][0], spec["argv"], env)
         except OSError as exc:
-            os.write(2, f"cannot start {spec['argv'][0]}: {exc}\n".encode())
-        os._exit(EXEC_FAILED)
+            os.write(status, f"cannot start {spec['argv'][0]}: {exc}\n".encode())
+        os._exit(1)
+    os.close(status)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     while True:  # reap whatever gets reparented to us; leave when the program itself is done
         done, status = os.wait()

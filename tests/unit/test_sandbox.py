@@ -124,9 +124,10 @@ def test_the_file_system_holds_only_what_the_program_needs(tmp_path):
         assert r.ok, r.stderr
         seen, top, prefix = (json.loads(line) for line in r.stdout.decode().splitlines())
         # the Python installation, when it lies under /work or /root, is shown at its own path, and only it
-        assert [p for p, there in zip(looked_at, seen) if there and not any(e.startswith(p) for e in exposed())] == []
+        shown = [target for _, target in exposed()]
+        assert [p for p, there in zip(looked_at, seen) if there and not any(t.startswith(p) for t in shown)] == []
         assert set(top) <= {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "dev", "proc", "tmp",
-                            "sandbox", *(p.split("/")[1] for p in exposed())}, top
+                            "sandbox", *(shown.split("/")[1] for _, shown in exposed())}, top
         assert prefix == sys.prefix
     finally:
         for path in planted:
@@ -200,7 +201,7 @@ def test_without_a_cgroup_the_watchdog_holds_the_tree(monkeypatch):
     assert time.monotonic() - start < 5  # killed while the children sleep, not at the timeout
     ok = py("x = bytearray(300 * 1024 * 1024)\nfor i in range(0, len(x), 4096): x[i] = 1\nprint(len(x))",
             memory_mb=512)
-    assert ok.ok and not ok.oom_killed and 300 < ok.peak_memory_mb < 512, ok
+    assert ok.ok and not ok.oom_killed and 200 < ok.peak_memory_mb < 512, ok  # sampled: short of the 300 at times
 
 
 @pytest.mark.skipif(containment() == "rlimits", reason="no cgroup this process may create here")
@@ -210,6 +211,18 @@ def test_one_process_limit_holds_the_whole_tree():
             "    except RuntimeError: break\nprint(n)")
     r = py(code, max_procs=8)
     assert r.ok and int(r.stdout) < 8 and r.peak_procs <= 8, (r.stdout, r.peak_procs)
+
+
+def test_the_program_cannot_pass_for_the_sandbox_failing():
+    """Only the init's report, on a pipe the program never holds, says the sandbox failed: not an exit code the
+    program can choose, nor what it writes to stderr (which once raised SandboxUnavailable for a whole batch)."""
+    for code in ("import os; os._exit(125)", "import os; os._exit(126)",
+                 "import os; os.write(2, b'unshare: unshare failed: Operation not permitted\\n'); os._exit(1)",
+                 "import os; os.write(2, b'setup failed: x\\n'); os._exit(1)"):
+        r = py(code)
+        assert r.error == "" and r.returncode in (1, 125, 126) and not r.ok, (code, r)
+    r = py("import os\nprint(sorted(int(fd) for fd in os.listdir('/proc/self/fd')))")
+    assert r.ok and r.stdout == b"[0, 1, 2, 3]\n", r.stdout  # 3: the listing's own descriptor
 
 
 def test_a_sandbox_that_cannot_run_the_program_is_an_error_not_a_failed_program(tmp_path):
@@ -222,7 +235,7 @@ def test_a_sandbox_that_cannot_run_the_program_is_an_error_not_a_failed_program(
         if os.geteuid() == 0:  # the program's uid is not root: it cannot enter the 0700 directory
             assert r.error and "cannot execute" in r.error and not r.ok, r
         r = run(["/no/such/interpreter"])
-        assert r.error and "cannot" in r.error and r.returncode == 126, r
+        assert r.error and "cannot execute /no/such/interpreter" in r.error, r
     finally:
         shutil.rmtree(private)
 
@@ -282,8 +295,13 @@ secret = sys.argv[1]
 code = f"import os\nprint(input()[::-1], os.path.exists({secret!r}))\nopen('/usr/x', 'w')"
 r = run([sys.executable, "-I", "main.py"], files={"main.py": code}, stdin=b"olleh\n")
 tree = run([sys.executable, "-I", "main.py"], files={"main.py": sys.argv[2]}, limits=Limits(memory_mb=512))
+memfd = ("import os, time\nfds = [os.memfd_create('x') for _ in range(40)]\n"
+         "for fd in fds: os.write(fd, b'x' * (16 << 20))\ntime.sleep(5)")
+held = run([sys.executable, "-I", "main.py"], files={"main.py": memfd}, limits=Limits(memory_mb=256, timeout_s=20))
+nested = run([sys.executable, "-I", "-c", "import ctypes; print(ctypes.CDLL(None).unshare(0x10000000))"])
 print(json.dumps({"stdout": r.stdout.decode(), "stderr": r.stderr.decode()[-300:], "code": r.returncode,
-                  "error": r.error, "containment": containment(), "tree_oom": tree.oom_killed}))
+                  "error": r.error, "containment": containment(), "tree_oom": tree.oom_killed,
+                  "memfd_oom": held.oom_killed, "memfd_s": held.wall_s, "nested": nested.stdout.decode()}))
 '''
 
 
@@ -301,5 +319,7 @@ def test_an_ordinary_user_gets_the_same_sandbox():
         assert out["error"] == "" and out["stdout"] == "hello False\n", out
         assert out["code"] == 1 and "Read-only file system" in out["stderr"], out
         assert out["tree_oom"], out  # its tree's memory is held too (by the watchdog where it has no cgroup)
+        assert out["memfd_oom"] and out["memfd_s"] < 5, out  # memory in anonymous files counts
+        assert out["nested"] == "-1\n", out  # no user namespace of its own, to mount a tmpfs of any size in
     finally:
         shutil.rmtree(home)
