@@ -323,3 +323,14 @@ def test_an_ordinary_user_gets_the_same_sandbox():
         assert out["nested"] == "-1\n", out  # no user namespace of its own, to mount a tmpfs of any size in
     finally:
         shutil.rmtree(home)
+
+
+def test_a_python_reached_through_a_symlink_runs_in_the_sandbox(tmp_path):
+    """sys.executable names the link's path; the sandbox shows the installation there too."""
+    link = tmp_path / "venv-link"
+    link.symlink_to(sys.prefix)
+    code = ("import sys\nfrom rewards.sandbox import run\n"
+            "r = run([sys.executable, '-I', '-c', 'print(6 * 7)'])\nprint(r.error or r.stdout.decode().strip())")
+    done = subprocess.run([str(link / "bin" / "python"), "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "42", (done.stdout, done.stderr[-2000:])
