@@ -9,16 +9,18 @@ fallback) means the sandbox itself could not run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from rewards import checks
 from rewards.checks import ENCODER
 from rewards.registry import register
-from rewards.sandbox import Limits, Result, run
+from rewards.sandbox import Limits, SandboxUnavailable, run
 
 log = logging.getLogger("chorus.rewards")
 
@@ -54,14 +56,17 @@ class _HarnessFailed(RuntimeError):
     """The sandbox or the harness did not start: the reward's failure, not the model's."""
 
 
-def _run_harness(harness: str, arg, files: dict[str, str], limits: Limits) -> tuple[Result, list[dict]]:
+def _run_harness(harness: str, arg, files: dict[str, str], limits: Limits) -> list[dict]:
     """Run ``harness`` (one of the scripts below) in the sandbox with ``arg`` and ``files`` beside it. It reads a
     fresh nonce from stdin and prints ``{"nonce": ..., "started": true}`` before any model-written text is touched;
-    returns the sandbox result and the JSON objects on stdout after that line that carry the nonce, in order.
-    Raises :class:`_HarnessFailed` when the sandbox failed or the harness never started."""
+    returns the JSON objects on stdout after that line that carry the nonce, in order. Raises
+    :class:`_HarnessFailed` when the sandbox failed (or is unavailable) or the harness never started."""
     nonce = os.urandom(16).hex()
-    result = run([sys.executable, "-I", "harness.py", str(arg)], stdin=f"{nonce}\n".encode(), limits=limits,
-                 files={"harness.py": harness, **files})
+    try:
+        result = run([sys.executable, "-I", "harness.py", str(arg)], stdin=f"{nonce}\n".encode(), limits=limits,
+                     files={"harness.py": harness, **files})
+    except SandboxUnavailable as exc:
+        raise _HarnessFailed(str(exc)) from None
     if result.error:
         raise _HarnessFailed(result.error)
     messages = []
@@ -76,7 +81,7 @@ def _run_harness(harness: str, arg, files: dict[str, str], limits: Limits) -> tu
     if not messages or messages[0].get("started") is not True:
         stderr = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise _HarnessFailed(f"the harness did not start (exit {result.returncode}): {stderr[0][:300]}")
-    return result, messages[1:]
+    return messages[1:]
 
 
 # The test harness, run inside the sandbox. It is not trusted with the verdict: it runs the solution, then each
@@ -114,8 +119,11 @@ for i, steps in enumerate(plan):
         for kind, source in steps:
             if kind == "exec":
                 exec(compile(source, "test", "exec"), ns)
-            else:
+                continue
+            try:  # a part that raises is the host's to judge: `x == [] or x[0] == 1` never reaches x[0]
                 values.append(encode(eval(compile(source, "test", "eval"), ns)))
+            except Exception as exc:
+                values.append(["!", type(exc).__name__])
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"[:300]
     finally:
@@ -148,50 +156,76 @@ def code_exec(prompts: list[str], responses: list[str], tests: list, *, timeout_
 
     def one(item) -> float | None:
         response, row_tests = item
-        if isinstance(row_tests, str):
-            row_tests = json.loads(row_tests)
-        if not row_tests:
-            return None  # nothing to check against: the row's fault, not the model's
         code = extract_code(response, "python")
         try:
+            if isinstance(row_tests, str):
+                row_tests = json.loads(row_tests)
+            if not isinstance(row_tests, list) or not row_tests:
+                raise ValueError(f"tests must be a non-empty list, got {type(row_tests).__name__}")
             if all(isinstance(t, dict) for t in row_tests):
                 passed = _io_tests(code, row_tests, limits)
             else:
                 passed = _assert_tests(code, [str(t) for t in row_tests], per_test_s, limits)
-        except (checks.Uncheckable, SyntaxError, _HarnessFailed) as exc:
-            log.warning("code_exec: row not scored: %s", exc)
+        except (checks.Uncheckable, SyntaxError, ValueError, KeyError, _HarnessFailed) as exc:
+            log.warning("code_exec: row not scored: %s", exc)  # the row's fault or the sandbox's, not the model's
             return None
-        share = sum(passed) / len(row_tests)
+        share = sum(passed) / len(passed)
         return share if partial else float(share == 1.0)
 
     return _pool_map(one, list(zip(responses, tests)), workers)
 
 
 def _io_tests(code: str, tests: list[dict], limits: Limits) -> list[bool]:
-    results = [run([sys.executable, "-I", "solution.py"], files={"solution.py": code},
-                   stdin=str(t["input"]).encode(), limits=limits) for t in tests]
-    if any(r.error for r in results):
-        raise _HarnessFailed(next(r.error for r in results if r.error))
-    return [r.ok and _normalise_output(r.stdout.decode(errors="replace")) == _normalise_output(str(t["output"]))
-            for r, t in zip(results, tests)]
+    """One run per stdin/stdout pair, all within the row's ``timeout_s``: after a run that times out, or once the
+    row's time is spent, the rest fail without running."""
+    if not all("input" in t and "output" in t for t in tests):
+        raise ValueError("every stdin/stdout test needs an 'input' and an 'output'")
+    deadline, passed = time.monotonic() + limits.timeout_s, []
+    for t in tests:
+        left = deadline - time.monotonic()
+        if left <= 0.05 or (passed and passed[-1] is None):
+            passed.append(None)
+            continue
+        r = run([sys.executable, "-I", "solution.py"], files={"solution.py": code}, stdin=str(t["input"]).encode(),
+                limits=dataclasses.replace(limits, timeout_s=left))
+        if r.error:
+            raise _HarnessFailed(r.error)
+        same = _normalise_output(r.stdout.decode(errors="replace")) == _normalise_output(str(t["output"]))
+        passed.append(None if r.timed_out else r.ok and same)
+    return [p is True for p in passed]
 
 
 def _assert_tests(code: str, tests: list[str], per_test_s: float, limits: Limits) -> list[bool]:
-    steps, row_checks = checks.plan(tests)
-    _, messages = _run_harness(_PY_HARNESS, per_test_s, limits=limits,
-                               files={"solution.py": code, "plan.json": json.dumps(steps)})
+    """Per test that checks something (a test of setup statements alone is not counted), whether it passed."""
+    p = checks.plan(tests)
+    if not any(p.checks):
+        raise ValueError("no test has an assert")
+    model = _reports(_run_harness(_PY_HARNESS, per_test_s, limits=limits,
+                                  files={"solution.py": code, "plan.json": json.dumps(p.steps)}))
+    reference = {}
+    if p.reference:  # the expected values the tests compute: Python's, without the solution
+        steps = [[["exec", line] for line in p.reference_setup] + [["eval", src] for src in p.reference]]
+        reference = _reports(_run_harness(_PY_HARNESS, per_test_s * len(p.reference), limits=limits,
+                                          files={"solution.py": "", "plan.json": json.dumps(steps)}))
+    ref_values = checks.decode_all(reference.get(0, {}).get("values", []))
+    passed = []
+    for i, (test_steps, test_checks) in enumerate(zip(p.steps, p.checks)):
+        message = model.get(i, {})
+        values = checks.decode_all(message.get("values"))
+        ok = (message.get("error") == "" and values is not None and ref_values is not None
+              and len(values) == sum(kind == "eval" for kind, _ in test_steps))
+        if test_checks:
+            passed.append(ok and all(checks.holds(c, values, ref_values) for c in test_checks))
+    return passed
+
+
+def _reports(messages: list[dict]) -> dict[int, dict]:
+    """The first report of each test; the model's own lines can only add values its code could have returned."""
     reported = {}
-    for message in messages:  # the first report of each test; the model's own lines can only add values
+    for message in messages:
         if isinstance(message.get("test"), int) and message["test"] not in reported:
             reported[message["test"]] = message
-    passed = []
-    for i, (test_steps, test_checks) in enumerate(zip(steps, row_checks)):
-        message = reported.get(i, {})
-        values = checks.decode_all(message.get("values"))
-        ok = (message.get("error") == "" and values is not None
-              and len(values) == sum(kind == "eval" for kind, _ in test_steps))
-        passed.append(ok and all(checks.holds(c, values) for c in test_checks))
-    return passed
+    return reported
 
 
 # The SQL harness: build the database from the row's schema script, run the reference query, then the model's on a
@@ -207,7 +241,7 @@ emit({"started": True})
 schema, reference, query = (open(name).read() for name in ("schema.sql", "reference.sql", "query.sql"))
 budget_s = float(sys.argv[1])
 def plain(v):
-    return v.hex() if isinstance(v, bytes) else v
+    return {"blob": v.hex()} if isinstance(v, bytes) else v
 def rows(db, sql):
     deadline = time.monotonic() + budget_s
     db.set_progress_handler(lambda: time.monotonic() > deadline, 10000)
@@ -217,7 +251,7 @@ DENIED = {sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH, sqlite3.SQLITE_PRAGMA}
 try:
     db = sqlite3.connect(":memory:")
     db.executescript(schema)
-    out = {"reference": rows(db, reference), "ordered": "order by" in reference.lower()}
+    out = {"reference": rows(db, reference)}
 except Exception as exc:
     emit({"row_error": f"{type(exc).__name__}: {exc}"[:300]})
     sys.exit(0)
@@ -229,6 +263,30 @@ except Exception as exc:
     out["error"] = f"{type(exc).__name__}: {exc}"[:300]
 emit(out)
 """
+
+
+def _ordered(sql: str) -> bool:
+    """Whether a query orders its result: an ORDER BY outside every parenthesis (not a window's or a subquery's),
+    strings and comments aside."""
+    depth, i, text = 0, 0, sql.lower()
+    while i < len(text):
+        c = text[i]
+        if c in "'\"`[":  # a quoted string or name: skip to its end
+            end = text.find("]" if c == "[" else c, i + 1)
+            i = len(text) if end < 0 else end + 1
+            continue
+        if text.startswith(("--", "/*"), i):  # a comment: skip to its end
+            end = text.find("\n" if c == "-" else "*/", i + 2)
+            i = len(text) if end < 0 else end + 2
+            continue
+        depth += (c == "(") - (c == ")")
+        word_start = i == 0 or not (text[i - 1].isalnum() or text[i - 1] == "_")
+        if depth == 0 and word_start and text.startswith("order", i):
+            rest = text[i + 5:]
+            if rest[:1].isspace() and rest.lstrip().startswith("by") and not rest.lstrip()[2:3].isalnum():
+                return True
+        i += 1
+    return False
 
 
 def _same_result(got: list, want: list, ordered: bool) -> bool:
@@ -257,7 +315,7 @@ def sql_exec(prompts: list[str], responses: list[str], schema: list[str], answer
     def one(item) -> float | None:
         response, row_schema, reference = item
         try:
-            _, verdicts = _run_harness(_SQL_HARNESS, query_s, limits=limits, files={
+            verdicts = _run_harness(_SQL_HARNESS, query_s, limits=limits, files={
                 "schema.sql": row_schema, "reference.sql": reference, "query.sql": extract_code(response, "sql")})
         except _HarnessFailed as exc:
             log.warning("sql_exec: row not scored: %s", exc)
@@ -270,7 +328,7 @@ def sql_exec(prompts: list[str], responses: list[str], schema: list[str], answer
             return None
         if not isinstance(verdict.get("rows"), list):
             return 0.0
-        return float(_same_result(verdict["rows"], verdict["reference"], verdict["ordered"]))
+        return float(_same_result(verdict["rows"], verdict["reference"], _ordered(reference)))
 
     return _pool_map(one, list(zip(responses, schema, answer)), workers)
 
@@ -333,7 +391,7 @@ def math_answer(prompts: list[str], responses: list[str], answer: list[str], *, 
     items = [[str(a), r[-MAX_MATH_CHARS:]] for a, r in zip(answer, responses)]
     limits = Limits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_mb=memory_mb)
     try:
-        _, verdicts = _run_harness(_MATH_HARNESS, per_item_s, {"items.json": json.dumps(items)}, limits)
+        verdicts = _run_harness(_MATH_HARNESS, per_item_s, {"items.json": json.dumps(items)}, limits)
     except _HarnessFailed as exc:
         log.warning("math: batch not scored: %s", exc)
         return scores

@@ -62,7 +62,7 @@ FORGERS = {
         "class Any:\n    def __eq__(self, other): return True\ndef add(a, b): return Any()",
     "returns an int subclass equal to everything":
         "class I(int):\n    def __eq__(self, other): return True\n    __hash__ = int.__hash__\n"
-        "def add(a, b): return I(0)",
+        "def add(a, b): return I(-7)",
     "makes AssertionError unraisable and exec a no-op":
         "import builtins\nbuiltins.AssertionError = type('Never', (Exception,), {})\n"
         "builtins.exec = lambda *a, **k: None\ndef add(a, b): return -7",
@@ -80,7 +80,7 @@ def test_an_expected_value_bound_in_the_tests_never_enters_the_sandbox():
     tests = ["expected = [1, 2, 3]", "assert f([3, 1, 2]) == expected", "data = [5, 4]", "assert f(data) == [4, 5]"]
     assert score("def f(xs): return sorted(xs)", tests) == 1.0
     # the solution's globals are the tests' namespace: it finds data (an input it is given) but not expected
-    assert score("def f(xs): return globals().get('expected', sorted(xs)[::-1])", tests) == pytest.approx(2 / 4)
+    assert score("def f(xs): return globals().get('expected', sorted(xs)[::-1])", tests) == 0.0
 
 
 @pytest.mark.parametrize("how", list(FORGERS))
@@ -104,7 +104,7 @@ def test_assert_tests_read_like_python():
             "    def pop(self): return self.items.pop()")
     assert score(good, tests) == 1.0
     wrong = good.replace("sorted(xs)", "list(xs)").replace("self.items.pop()", "self.items[-1]")
-    assert score(wrong, tests) == pytest.approx(4 / 6)  # the sort and the stack fail
+    assert score(wrong, tests) == pytest.approx(2 / 4)  # the sort and the stack fail; setup lines are not tests
     # an assert inside a loop could only be decided in the model's process: the row is not scored
     assert score(good, ["for x in [1, 2]:\n    assert f([x]) == [x]"]) is None
 
@@ -200,3 +200,79 @@ def test_extract_code_is_linear_on_a_response_of_backticks():
     for text in ("`" * 80_000, "```\n" * 40_000, "```python " * 20_000, "x```\n" * 30_000):
         extract_code(text, "python")
     assert time.monotonic() - start < 1.0
+
+
+def test_a_comparison_cannot_be_handed_to_a_helper_the_model_can_replace():
+    tests = ["from math import isclose", "assert isclose(area(1), 3.14159, rel_tol=1e-3)"]
+    assert score("def area(r): return 3.14159 * r * r", tests) == 1.0
+    forger = "import math, builtins\nmath.isclose = lambda *a, **k: True\ndef area(r): return 0"
+    assert score(forger, tests) == 0.0  # the host's isclose decides
+    # a helper of the tests' own given the model's output and the expected value: not checkable, not scored
+    assert score("def area(r): return 3.14159 * r * r",
+                 ["import numpy as np", "assert np.allclose(area(1), 3.14159)"]) is None
+    assert score("def area(r): return 3.14159 * r * r",
+                 ["def close(a, b): return abs(a - b) < 1e-3", "assert close(area(1), 3.14159)"]) is None
+
+
+def test_expected_values_the_tests_compute_are_computed_without_the_solution():
+    tests = ["assert f(3) == [i * i for i in range(3)]", "assert g('ab') == 'AB'.lower()",
+             "assert f(6000) is not None and h(6000) % 1000 == pow(7, 6000, 1000)"]
+    good = "def f(n): return [i * i for i in range(n)]\ndef g(s): return s\ndef h(n): return 7 ** n"
+    assert score(good, tests) == 1.0
+    # reads the plan the harness was given and answers each part with what it evaluates to: the expected sides
+    # are not in it, so it can only answer the calls, which is what implementing f, g and h means
+    forger = ("import json, sys\nplan = json.load(open('plan.json'))\n"
+              "h = sys.modules['__main__'].__dict__\n"
+              "for i, steps in enumerate(plan):\n"
+              "    h['emit']({'test': i, 'values': [h['encode']([0, 1, 4]) for _ in steps], 'error': ''})\n"
+              "import os\nos._exit(0)")
+    assert score(forger, tests) == pytest.approx(1 / 3)  # as `def f(n): return [0, 1, 4]` would score
+
+
+def test_honest_programs_score_what_python_would_say():
+    cases = [  # (solution, test): each passes under plain Python
+        ("def srt(xs): xs.sort()", ["lst = [3, 1, 2]", "srt(lst)", "assert lst == [1, 2, 3]"]),
+        ("def add(d): d['k'] = 1", ["d = {}", "add(d)", "assert d == {'k': 1}"]),
+        ("from collections import Counter\ndef count(s): return Counter(s)", ["assert count('aab') == {'a': 2, 'b': 1}"]),
+        ("from collections import namedtuple\nP = namedtuple('P', 'x y')\ndef p(): return P(1, 2)",
+         ["assert p() == (1, 2)"]),
+        ("import numpy as np\ndef s(xs): return np.sum(xs)", ["assert s([1, 2, 3]) == 6"]),
+        ("def evens(xs): return filter(lambda x: x % 2 == 0, xs)", ["assert list(evens([1, 2, 4])) == [2, 4]"]),
+        ("def keys(d): return d.keys()", ["assert sorted(keys({'b': 1, 'a': 2})) == ['a', 'b']"]),
+        ("def words(): return ['bb', 'a', 'ccc']", ["assert sorted(words(), key=len) == ['a', 'bb', 'ccc']",
+                                                    "assert max([-5, 2], key=abs) == -5"]),
+        ("def f(n): return 7 ** n", ["assert f(6000) % 1000 == pow(7, 6000, 1000)"]),
+        ("def f(xs): return xs", ["assert f([]) == [] or f([])[0].upper() == 'A'"]),
+    ]
+    for solution, tests in cases:
+        assert score(solution, tests) == 1.0, (solution, tests)
+
+
+def test_a_set_of_colliding_hashes_is_refused_fast():
+    from rewards.checks import decode_all
+
+    start = time.monotonic()
+    assert decode_all([["S", [["i", hex(k * (2 ** 61 - 1))] for k in range(30_000)]]]) is None
+    assert time.monotonic() - start < 1.0
+    assert decode_all([["S", [["i", hex(k)] for k in range(30_000)]]]) == [set(range(30_000))]
+
+
+def test_stdin_stdout_tests_share_the_rows_time():
+    tests = [{"input": "", "output": "x"}] * 8
+    start = time.monotonic()
+    assert score("import time\ntime.sleep(100)", tests, timeout_s=1) == 0.0
+    assert time.monotonic() - start < 5  # the first times out, the rest are not run
+
+
+def test_malformed_tests_are_the_rows_fault():
+    assert score("print(1)", "not json") is None
+    assert score("print(1)", [{"output": "1"}]) is None
+    assert score("x = 1", ["x = 2"]) is None  # no assert at all: nothing to check
+
+
+def test_sql_order_and_types_as_sqlite_means_them():
+    ordered = "SELECT name FROM emp ORDER\nBY salary"
+    assert sql("SELECT name FROM emp ORDER BY salary DESC", ordered) == 0.0
+    window = "SELECT name, ROW_NUMBER() OVER (ORDER BY salary) FROM emp"
+    assert sql("SELECT name, ROW_NUMBER() OVER (ORDER BY salary) FROM emp ORDER BY name DESC", window) == 1.0
+    assert sql("SELECT 'abcd'", "SELECT x'abcd'") == 0.0
