@@ -233,7 +233,8 @@ def test_honest_programs_score_what_python_would_say():
     cases = [  # (solution, test): each passes under plain Python
         ("def srt(xs): xs.sort()", ["lst = [3, 1, 2]", "srt(lst)", "assert lst == [1, 2, 3]"]),
         ("def add(d): d['k'] = 1", ["d = {}", "add(d)", "assert d == {'k': 1}"]),
-        ("from collections import Counter\ndef count(s): return Counter(s)", ["assert count('aab') == {'a': 2, 'b': 1}"]),
+        ("from collections import Counter\ndef count(s): return Counter(s)",
+         ["assert count('aab') == {'a': 2, 'b': 1}"]),
         ("from collections import namedtuple\nP = namedtuple('P', 'x y')\ndef p(): return P(1, 2)",
          ["assert p() == (1, 2)"]),
         ("import numpy as np\ndef s(xs): return np.sum(xs)", ["assert s([1, 2, 3]) == 6"]),
