@@ -36,6 +36,8 @@ import copy
 import math
 from dataclasses import dataclass, field
 
+_BUILTINS = frozenset(dir(builtins))
+
 MAX_DEPTH = 64  # of a returned value's nesting
 MAX_ITEMS = 1_000_000  # sizes the host builds from returned values (a list repeated, a power's digits)
 
@@ -57,8 +59,7 @@ class Check:
 class Plan:
     steps: list[list[list[str]]] = field(default_factory=list)  # per test: ["exec" | "eval", source], in order
     checks: list[list[Check]] = field(default_factory=list)  # per test: its asserts
-    reference: list[str] = field(default_factory=list)  # sources of the parts run without the solution
-    reference_setup: list[str] = field(default_factory=list)  # the literal assignments those parts read
+    reference: list[list[str]] = field(default_factory=list)  # the steps of the parts run without the solution
 
 
 def _big(x, cap) -> bool:
@@ -162,7 +163,7 @@ class _Split(ast.NodeTransformer):
             return node
         if isinstance(node, _SYNTAX) or _on_host(node, self.env):
             return self.generic_visit(node)
-        if _free_names(node) <= set(dir(builtins)) | set(self.env):
+        if _free_names(node) <= _BUILTINS | self.env.keys():
             self.reference.append(node)
             return ast.Name(id=f"_r{self.n_reference + len(self.reference) - 1}", ctx=ast.Load())
         self.model.append(node)
@@ -176,7 +177,8 @@ def plan(tests: list[str]) -> Plan:
     """The sandboxes' steps and the host's checks for ``tests`` (they share one namespace, as in the sandbox); see
     the module docstring. Raises :class:`Uncheckable` (naming the test) or SyntaxError."""
     out = Plan()
-    env, sources, sent, helpers = {}, {}, set(), set()  # the host's names, their literal source, those sent
+    env, sources, helpers = {}, {}, set()  # the host's names, their literal source, the tests' own helpers
+    sent, sent_reference = set(), {}  # the host's names each sandbox has (the reference: with which source)
 
     def send(nodes: list[ast.AST], steps: list) -> None:
         """Assign, in the model's sandbox, the host's names ``nodes`` read that it does not have yet. A mutable
@@ -187,16 +189,22 @@ def plan(tests: list[str]) -> Plan:
             if isinstance(env[name], _MUTABLE):
                 del env[name], sources[name]
 
+    def send_reference(nodes: list[ast.AST]) -> None:
+        """Likewise in the reference sandbox, where a name is assigned again when the tests rebound it."""
+        for name in sorted(set().union(*(_free_names(n) for n in nodes)) & set(sources)):
+            if sent_reference.get(name) != sources[name]:
+                out.reference.append(["exec", f"{name} = {sources[name]}"])
+                sent_reference[name] = sources[name]
+
     for i, test in enumerate(tests):
         steps, checks, n_model = [], [], 0
         for stmt in ast.parse(test, f"test {i + 1}").body:
             if isinstance(stmt, ast.Assert):
-                split = _Split(env, n_model, len(out.reference))
+                split = _Split(env, n_model, sum(kind == "eval" for kind, _ in out.reference))
                 expr = split.visit(ast.parse(ast.unparse(stmt.test), mode="eval").body)
                 _refuse_helper_comparisons(split.model, helpers, env, i)
-                out.reference_setup += [f"{n} = {sources[n]}" for n in
-                                        sorted(set().union(set(), *map(_free_names, split.reference)) & set(sources))]
-                out.reference += [ast.unparse(node) for node in split.reference]
+                send_reference(split.reference)
+                out.reference += [["eval", ast.unparse(node)] for node in split.reference]
                 send(split.model, steps)
                 steps += [["eval", ast.unparse(node)] for node in split.model]
                 checks.append(Check(expr, dict(env)))
@@ -245,7 +253,7 @@ def _refuse_helper_comparisons(parts: list[ast.AST], helpers: set[str], env: dic
             base = base.value
         if isinstance(base, ast.Name) and base.id in helpers:
             args = [*call.args, *(k.value for k in call.keywords)]
-            needs_model = [_free_names(a) - set(dir(builtins)) - set(env) for a in args]
+            needs_model = [_free_names(a) - _BUILTINS - env.keys() for a in args]
             if any(needs_model) and not all(needs_model):
                 raise Uncheckable(f"test {i + 1} calls {ast.unparse(call.func)}() with the model's output and an "
                                   f"expected value: the helper runs in the model's process, where it can be "

@@ -166,7 +166,7 @@ def code_exec(prompts: list[str], responses: list[str], tests: list, *, timeout_
                 passed = _io_tests(code, row_tests, limits)
             else:
                 passed = _assert_tests(code, [str(t) for t in row_tests], per_test_s, limits)
-        except (checks.Uncheckable, SyntaxError, ValueError, KeyError, _HarnessFailed) as exc:
+        except (checks.Uncheckable, SyntaxError, ValueError, KeyError, _HarnessFailed, SandboxUnavailable) as exc:
             log.warning("code_exec: row not scored: %s", exc)  # the row's fault or the sandbox's, not the model's
             return None
         share = sum(passed) / len(passed)
@@ -204,9 +204,8 @@ def _assert_tests(code: str, tests: list[str], per_test_s: float, limits: Limits
                                   files={"solution.py": code, "plan.json": json.dumps(p.steps)}))
     reference = {}
     if p.reference:  # the expected values the tests compute: Python's, without the solution
-        steps = [[["exec", line] for line in p.reference_setup] + [["eval", src] for src in p.reference]]
         reference = _reports(_run_harness(_PY_HARNESS, per_test_s * len(p.reference), limits=limits,
-                                          files={"solution.py": "", "plan.json": json.dumps(steps)}))
+                                          files={"solution.py": "", "plan.json": json.dumps([p.reference])}))
     ref_values = checks.decode_all(reference.get(0, {}).get("values", []))
     passed = []
     for i, (test_steps, test_checks) in enumerate(zip(p.steps, p.checks)):

@@ -244,6 +244,8 @@ def test_honest_programs_score_what_python_would_say():
                                                     "assert max([-5, 2], key=abs) == -5"]),
         ("def f(n): return 7 ** n", ["assert f(6000) % 1000 == pow(7, 6000, 1000)"]),
         ("def f(xs): return xs", ["assert f([]) == [] or f([])[0].upper() == 'A'"]),
+        ("def f(n): return list(range(n))",  # the expected side reads n as it is at each assert
+         ["n = 3", "assert f(n) == [i for i in range(n)]", "n = 4", "assert f(n) == [i for i in range(n)]"]),
     ]
     for solution, tests in cases:
         assert score(solution, tests) == 1.0, (solution, tests)
