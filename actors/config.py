@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from learners.losses import KL_ESTIMATORS, LOSS_AGGS
-from rollout.data import TASKS
+from rollout.data import TASKS, distinct_strings
 from rollout.engine import BACKENDS
 
 
@@ -357,16 +357,6 @@ _RULES = [
 ]
 
 
-def _distinct_strings(alphabet: str, min_len: int, max_len: int, enough: int) -> int:
-    """Distinct strings of ``min_len``..``max_len`` characters over ``alphabet``, counted up to ``enough``."""
-    total = 0
-    for n in range(min_len, max_len + 1):
-        total += len(set(alphabet)) ** n
-        if total >= enough:
-            break
-    return total
-
-
 def _check_synthetic(cfg: ChorusConfig) -> None:
     s = cfg.data.synthetic
     if s is None:
@@ -374,9 +364,8 @@ def _check_synthetic(cfg: ChorusConfig) -> None:
     if s.max_len < s.min_len:
         raise ConfigError(f"config key 'data.synthetic.max_len': must be >= data.synthetic.min_len ({s.min_len}), "
                           f"got {s.max_len}")
-    universe = _distinct_strings(s.alphabet, s.min_len, s.max_len, 4 * s.num_eval)
-    if universe < 4 * s.num_eval:  # held-out strings are drawn at random; at most a quarter of them, so the
-        #                            training strings drawn around them stay plentiful
+    universe = distinct_strings(s.alphabet, s.min_len, s.max_len, 4 * s.num_eval)
+    if universe < 4 * s.num_eval:
         raise ConfigError(f"config key 'data.synthetic.num_eval': {s.num_eval} held-out rows need at least "
                           f"{4 * s.num_eval} distinct strings, but alphabet {s.alphabet!r} with lengths "
                           f"{s.min_len}..{s.max_len} has only {universe}")

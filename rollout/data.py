@@ -155,12 +155,24 @@ TASKS = {  # string -> row fields
 }
 
 
+def distinct_strings(alphabet: str, min_len: int, max_len: int, enough: int) -> int:
+    """Distinct strings of ``min_len``..``max_len`` characters over ``alphabet``, counted up to ``enough``. The
+    held-out strings are drawn at random and may take at most a quarter of them (``enough`` = 4 x held-out rows), so
+    that the training strings drawn around them stay plentiful."""
+    total = 0
+    for n in range(min_len, max_len + 1):
+        total += len(set(alphabet)) ** n
+        if total >= enough:
+            break
+    return total
+
+
 def make_synthetic(task: str, seed: int, alphabet: str, min_len: int, max_len: int,
                    num_prompts: int, num_expert: int, num_eval: int) -> dict[str, list[dict]]:
     """Deterministic prompt / expert / eval rows; held-out strings never appear in the other two sets."""
     fields = TASKS[task]
     rng = random.Random(seed)
-    universe = sum(len(set(alphabet)) ** n for n in range(min_len, max_len + 1))  # actors/config.py checks it first
+    universe = distinct_strings(alphabet, min_len, max_len, 4 * num_eval)  # actors/config.py checks it first
     if num_eval * 4 > universe:
         raise ValueError(f"only {universe} distinct strings: too few for {num_eval} held-out rows")
     held: set[str] = set()
