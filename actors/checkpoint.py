@@ -117,12 +117,19 @@ def _none_due(cfg: ChorusConfig, run_dir: Path, root: Path, steps: int) -> bool:
     """Whether the run never reached a checkpoint: fewer logged steps than ``checkpoint.every`` (or none periodic),
     with the checkpoint dir its last start recorded. Then step 0 is where it resumes (a KubeRay retry of a job that
     died before its first checkpoint), its records moving aside as a rollback does."""
+    recorded = _recorded_root(run_dir)
+    return recorded is not None and recorded.resolve() == root.resolve() and (
+        cfg.checkpoint.every == 0 or steps < cfg.checkpoint.every)
+
+
+def _recorded_root(run_dir: Path) -> Path | None:
+    """The checkpoint dir the run's last start wrote in RUN_DIR/config.yaml (its checkpoint.dir, else the default
+    RUN_DIR/checkpoints); None when that file cannot be read."""
     try:
         then = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        recorded = Path((then.get("checkpoint") or {}).get("dir") or run_dir / "checkpoints")
+        return Path((then.get("checkpoint") or {}).get("dir") or run_dir / "checkpoints")
     except (OSError, ValueError, AttributeError, TypeError, yaml.YAMLError):
-        return False
-    return recorded.resolve() == root.resolve() and (cfg.checkpoint.every == 0 or steps < cfg.checkpoint.every)
+        return None
 
 
 def logged_steps(path: Path) -> int:
@@ -142,16 +149,9 @@ def logged_steps(path: Path) -> int:
 
 
 def _elsewhere(run_dir: Path, root: Path) -> str:
-    """Where else the run's checkpoints may be: the checkpoint dir of the config its last start wrote to the run dir,
-    and the default RUN_DIR/checkpoints, if one of them holds some."""
-    places = [run_dir / "checkpoints"]
-    try:
-        then = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        if (then.get("checkpoint") or {}).get("dir"):
-            places.insert(0, Path(then["checkpoint"]["dir"]))
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):
-        pass
-    for place in places:
+    """Where else the run's checkpoints may be: the checkpoint dir its last start recorded, and the default
+    RUN_DIR/checkpoints, if one of them holds some."""
+    for place in dict.fromkeys(p for p in (_recorded_root(run_dir), run_dir / "checkpoints") if p is not None):
         if place.resolve() != root.resolve() and (held := complete(place)):
             return f" {place} holds {', '.join(p.name for p in held)}."
     return ""
