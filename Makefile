@@ -1,7 +1,8 @@
 # make quickstart: install into .venv (idempotent) and run the CPU quickstart (configs/quickstart.yaml)
 # make test:       install into .venv and run the whole test suite (what .ci/run runs)
+# make base:       rebuild models/base, the shipped pretrained base model (about 30 min on 2 cores)
 # CHORUS_DEVICE=cpu|cuda overrides GPU detection; ARGS="key=value ..." passes config overrides to the quickstart.
-.PHONY: install quickstart smoke test unit
+.PHONY: install quickstart smoke test unit base
 
 install:
 	ops/install.sh
@@ -17,3 +18,6 @@ test: install
 
 unit: install
 	.venv/bin/python -m pytest -q tests/unit
+
+base: install
+	ops/build_base.sh

@@ -133,8 +133,8 @@ def _recorded_root(run_dir: Path) -> Path | None:
 
 
 def logged_steps(path: Path) -> int:
-    """Step records in a run's metrics.jsonl (0 if there is none; a line cut short by a kill and the final
-    evaluation's record are not ones)."""
+    """Step records in a run's metrics.jsonl (0 if there is none; a line cut short by a kill, and the records of the
+    evaluations before training and after the last step, are not ones)."""
     if not path.is_file():
         return 0
     count = 0
@@ -142,7 +142,7 @@ def logged_steps(path: Path) -> int:
         for line in f:
             try:
                 record = json.loads(line)
-                count += isinstance(record.get("step"), int) and not record.get("final")
+                count += isinstance(record.get("step"), int) and not record.get("final") and not record.get("initial")
             except (ValueError, AttributeError, RecursionError):
                 continue
     return count

@@ -3,6 +3,7 @@
     chorus train CONFIG.yaml [--run-dir DIR [--resume]] [key=value ...]
     chorus reward score NAME_OR_MODULE:FUNCTION FILE.jsonl [--args JSON]
     chorus status RUN_DIR [--json] [--url URL]
+    chorus eval MODEL_DIR CONFIG.yaml [--json] [key=value ...]
 """
 
 from __future__ import annotations
@@ -52,6 +53,21 @@ def _train(args: argparse.Namespace) -> int:
         trainer.close()
     print(f"chorus: final eval accuracy {summary['final_eval_accuracy']:.3f} after {summary['steps']} steps "
           f"in {summary['wall_seconds']:.0f}s; model in {summary['model']}", flush=True)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from actors.offline_eval import evaluate_model, format_results
+
+    cfg = load_config(args.config, args.overrides)
+    results = evaluate_model(cfg, args.model_dir)
+    if args.json:
+        print(json.dumps({"model": args.model_dir, "sets": {k: v for k, v in results.items() if k},
+                          **results[""]}), flush=True)
+    else:
+        print(format_results(results, args.model_dir), flush=True)
     return 0
 
 
@@ -166,8 +182,16 @@ def main(argv: list[str] | None = None) -> int:
                                                  "alone, without a run dir, report on the endpoint only")
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.set_defaults(func=_status)
+    ev = sub.add_parser("eval", help="evaluate a saved model on a config's held-out sets (no training): accuracy "
+                                     "per set, pass@n with train.eval_samples=n, response length")
+    ev.add_argument("model_dir", help="a Hugging Face model directory: a run's final/, a checkpoint's model/, "
+                                      "models/base")
+    ev.add_argument("config", help="YAML config whose data and rollout sections say what to evaluate and how")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.eval_samples=8")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=_eval)
     args, extra = parser.parse_known_args(argv)  # key=value overrides may come after --run-dir too
-    unknown = [a for a in extra if "=" not in a or a.startswith("-") or args.command != "train"]
+    unknown = [a for a in extra if "=" not in a or a.startswith("-") or args.command not in ("train", "eval")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:

@@ -17,7 +17,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from learners.losses import KL_ESTIMATORS, LOSS_AGGS
+from actors.evaluation import TARGET
 from rollout.data import TASKS, distinct_strings
+from rollout.tasks import FAMILIES
 from rollout.engine import BACKENDS
 
 
@@ -52,11 +54,26 @@ class SyntheticTaskConfig:
 
 
 @dataclass
+class TasksConfig:
+    mixture: dict[str, float] = field(default_factory=dict)  # task family -> its share of the prompt and expert
+    #                                                           rows (rollout/tasks.py: rev, sort, count, upper, add2, add3)
+    eval: list[str] = field(default_factory=list)  # families with a held-out set: the first is the target
+    #                                                (data.eval), the others retention sets (data.retention)
+    seed: int = 0  # also fixes the held-out rows, which no run with this seed trains on
+    num_prompts: int = 4000  # RL prompts
+    num_expert: int = 4000  # expert demonstrations (prompt + correct response)
+    num_eval: int = 200  # held-out rows per evaluated family
+
+
+@dataclass
 class DataConfig:
-    prompts: str = ""  # JSONL/Parquet: {"prompt": str, "answer": str, ...}; "" = generated from `synthetic`
+    prompts: str = ""  # JSONL/Parquet: {"prompt": str, "answer": str, ...}; "" = generated (`synthetic`, `tasks`)
     expert: str = ""  # JSONL/Parquet: {"prompt": str, "response": str}
-    eval: str = ""  # JSONL/Parquet held-out set: {"prompt": str, "answer": str}
-    synthetic: Optional[SyntheticTaskConfig] = None  # generate the three files above into the run dir
+    eval: str = ""  # JSONL/Parquet held-out set of the target task: {"prompt": str, "answer": str}
+    retention: dict[str, str] = field(default_factory=dict)  # name -> held-out file of a skill to keep, evaluated
+    #                                                          alongside data.eval (forgetting is their accuracy's fall)
+    synthetic: Optional[SyntheticTaskConfig] = None  # generate prompts, expert and eval from one string task
+    tasks: Optional[TasksConfig] = None  # generate them, and the retention sets, from the task families
     on_bad_row: str = "stop"  # a malformed row (bad JSON, a missing field): stop at start naming file and line, or
     #                           skip: leave it out, log it and count it (chorus_data_rows_skipped_total)
 
@@ -162,7 +179,9 @@ class TrainConfig:
     steps: int = 100
     seed: int = 0
     eval_every: int = 20  # steps between evaluations (0 = only at the end)
-    eval_max_rows: int = 0  # evaluate on the first N held-out rows (0 = all)
+    eval_max_rows: int = 0  # evaluate on the first N rows of each held-out set (0 = all)
+    eval_samples: int = 0  # n > 0: also n samples per held-out row at temperature 1, for pass@1 and pass@n
+    eval_at_start: bool = False  # evaluate the starting model too (a line with "initial": true in metrics.jsonl)
     max_staleness: int = 0  # 0 = synchronous; k > 0 = async: rollouts run up to k policy versions behind,
     #                         generating the next steps while the learner trains this one
     max_learner_failures: int = 3  # learner (or critic) group failures the run survives by restarting the group
@@ -319,13 +338,15 @@ _RULES = [
         "reward.num_actors", "learner.num_actors", "learner.micro_batch_size", "algo.prompts_per_step",
         "critic.num_actors", "critic.micro_batch_size", "reference.num_actors", "algo.epochs", "algo.mini_batches",
         "train.steps", "checkpoint.keep", *(f"{k}.num_threads" for k in _ACTORS),
-        "data.synthetic.min_len", "data.synthetic.num_prompts", "data.synthetic.num_eval")),
+        "data.synthetic.min_len", "data.synthetic.num_prompts", "data.synthetic.num_eval",
+        "data.tasks.num_prompts", "data.tasks.num_eval")),
     *((k, lambda v: v >= 0, ">= 0") for k in (
         "learner.warmup_steps", "learner.decay_steps", "critic.warmup_steps", "critic.decay_steps",
         "algo.mu_warmup_steps", "algo.mu_hold_steps", "algo.mu_decay_steps", "algo.kl_coef",
         "train.eval_every", "train.eval_max_rows", "train.max_staleness",
         "rollout.deadline_s", "reward.deadline_s", "learner.deadline_s", "critic.deadline_s",
         "train.max_learner_failures", "checkpoint.every", "checkpoint.grace_s", "data.synthetic.num_expert",
+        "data.tasks.num_expert", "train.eval_samples",
         *(f"{k}.weight_decay" for k in _LEARNERS))),
     *((k, lambda v: 0.0 <= v <= 1.0, "in [0, 1]") for k in (
         "algo.mu_peak", "algo.mu_valley", "learner.min_lr_ratio", "critic.min_lr_ratio", "algo.gamma",
@@ -373,6 +394,38 @@ def _check_synthetic(cfg: ChorusConfig) -> None:
         raise ConfigError("config key 'data.synthetic.num_expert': algo.expert_ratio > 0 needs expert rows, got 0")
 
 
+def _check_tasks(cfg: ChorusConfig) -> None:
+    t = cfg.data.tasks
+    if t is None:
+        return
+    if cfg.data.synthetic is not None:
+        raise ConfigError("config key 'data.tasks': set data.tasks or data.synthetic, not both")
+    for key in ("prompts", "expert", "eval"):
+        if getattr(cfg.data, key):
+            raise ConfigError(f"config key 'data.{key}': data.tasks generates it; set one or the other")
+    if not t.mixture:
+        raise ConfigError(f"config key 'data.tasks.mixture': name at least one task family and its share, "
+                          f"e.g. {{add3: 1.0}}; families: {list(FAMILIES)}")
+    for name, share in t.mixture.items():
+        if name not in FAMILIES:
+            raise ConfigError(f"config key 'data.tasks.mixture.{name}': not a task family; choose from "
+                              f"{list(FAMILIES)}")
+        if not (math.isfinite(share) and share > 0):
+            raise ConfigError(f"config key 'data.tasks.mixture.{name}': a share must be > 0, got {share!r}")
+    if not t.eval:
+        raise ConfigError("config key 'data.tasks.eval': name the target family first (and retention families)")
+    for i, name in enumerate(t.eval):
+        if name not in FAMILIES:
+            raise ConfigError(f"config key 'data.tasks.eval[{i}]': {name!r} is not a task family; choose from "
+                              f"{list(FAMILIES)}")
+    if len(set(t.eval)) != len(t.eval):
+        raise ConfigError(f"config key 'data.tasks.eval': a family is named twice in {list(t.eval)}")
+    if cfg.data.retention and (clash := set(cfg.data.retention) & set(t.eval[1:])):
+        raise ConfigError(f"config key 'data.retention': {sorted(clash)} are also data.tasks.eval families")
+    if cfg.algo.expert_ratio > 0 and t.num_expert == 0:
+        raise ConfigError("config key 'data.tasks.num_expert': algo.expert_ratio > 0 needs expert rows, got 0")
+
+
 def validate(cfg: ChorusConfig) -> None:
     """Checks the schema's types cannot express; each message names the key."""
     for key, value in _floats(cfg):
@@ -391,6 +444,11 @@ def validate(cfg: ChorusConfig) -> None:
                           f"({cfg.rollout.max_new_tokens}), since the context holds the prompt and the response; "
                           f"got {cfg.rollout.max_model_len}")
     _check_synthetic(cfg)
+    _check_tasks(cfg)
+    for name in cfg.data.retention:
+        if name == TARGET or not name or "/" in name:
+            raise ConfigError(f"config key 'data.retention.{name}': a set's name must be non-empty, hold no '/' "
+                              f"and not be '{TARGET}' (the name of data.eval's set)")
     if not cfg.reward.functions:
         raise ConfigError("config key 'reward.functions': at least one reward function is needed")
     for i, f in enumerate(cfg.reward.functions):
@@ -402,9 +460,11 @@ def validate(cfg: ChorusConfig) -> None:
     if cfg.model.build and not Path(cfg.model.build).is_file():
         raise ConfigError(f"config key 'model.build': recipe file '{cfg.model.build}' not found "
                           f"(paths are relative to the working directory)")
-    if cfg.data.synthetic is None and not (cfg.data.prompts and cfg.data.eval):
-        raise ConfigError("config key 'data.prompts': set data.prompts and data.eval, or data.synthetic")
-    if cfg.algo.expert_ratio > 0 and cfg.data.synthetic is None and not cfg.data.expert:
+    generated = cfg.data.synthetic is not None or cfg.data.tasks is not None
+    if not generated and not (cfg.data.prompts and cfg.data.eval):
+        raise ConfigError("config key 'data.prompts': set data.prompts and data.eval, or data.tasks (or "
+                          "data.synthetic)")
+    if cfg.algo.expert_ratio > 0 and not generated and not cfg.data.expert:
         raise ConfigError("config key 'data.expert': algo.expert_ratio > 0 needs an expert data file")
     if cfg.algo.expert_ratio == 0 and max(cfg.algo.mu_peak, cfg.algo.mu_valley) > 0:
         raise ConfigError("config key 'algo.expert_ratio': mu > 0 weights an SFT term, but expert_ratio 0 gives "

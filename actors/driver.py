@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -31,14 +31,15 @@ import torch
 
 from actors import checkpoint as ckpt
 from actors import pools
+from actors import datasets
 from actors.config import ChorusConfig, ConfigError, to_yaml
+from actors.evaluation import Evaluator, EvalSet, flatten
 from actors.group import GroupFailed, Interrupted
 from actors.metrics import STEP_PHASES, JsonlLog, Metrics
 from actors.scheduler import Scheduler, StepPlan, drop_failed_groups
 from learners.advantages import final_token_rewards, gae, grpo_advantages, whiten
 from learners.batch import TrainBatch, even_split, split_for_ranks
 from rewards.registry import check_args, isolation, resolve
-from rollout.data import load_rows, make_synthetic, write_jsonl
 from rollout.engine import weights_file
 from rollout.tiny import ensure_model
 from rollout.types import Completion, SamplingSpec, Scored
@@ -54,6 +55,24 @@ def _chunks(items: list, k: int) -> list[list]:
 def _mean(results: list[dict]) -> dict:
     """Mean of each metric over the optimiser steps of one training step."""
     return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+
+
+def generate(rollouts, prompts: list[list[int]], spec: SamplingSpec, on_pending=None) -> list[Completion]:
+    """``spec.n`` completions of each prompt from the rollout group, the prompts dealt in contiguous shards; a
+    completion's ``prompt_index`` indexes ``prompts``."""
+    shards = _chunks(list(range(len(prompts))), len(rollouts))
+
+    def call(actor, shard: list[int]):  # a seeded request's prompt i samples from seed + i * n, wherever it runs
+        seeded = spec if spec.seed is None else replace(spec, seed=spec.seed + shard[0] * spec.n)
+        return actor.generate.remote([prompts[i] for i in shard], seeded)
+
+    results = rollouts.map(call, shards, on_pending=on_pending)
+    completions = []
+    for shard, (out, _) in zip(shards, results):
+        for c in out:
+            c.prompt_index = shard[c.prompt_index]  # shard-local -> request-global
+            completions.append(c)
+    return completions
 
 
 @dataclass
@@ -130,8 +149,9 @@ class Trainer:
             for f in cfg.reward.functions:  # export zeros from the start, not only after a first failure
                 self.metrics.reward_failures.labels(f.name)
                 self.metrics.reward.labels(f.name)
-            for kind in ("prompts", "expert", "eval"):  # a resumed run has them in the checkpoint's counters
-                self.metrics.skipped_rows.labels(kind).inc(0 if found else len(self.skipped_rows.get(kind, ())))
+            for kind in ("prompts", "expert", "eval", *self.skipped_rows):  # a resumed run has them in the
+                self.metrics.skipped_rows.labels(kind).inc(  # checkpoint's counters
+                    0 if found else len(self.skipped_rows.get(kind, ())))
             (self.run_dir / "metrics_url").write_text(self.metrics.url + "\n")
             self.log = JsonlLog(self.run_dir / "metrics.jsonl", self.start_step if resume else None)
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # weight hand-off in memory, not on disk
@@ -156,38 +176,18 @@ class Trainer:
     def _load_data(self) -> None:
         from transformers import AutoTokenizer
 
-        cfg = self.cfg.data
-        paths = {"prompts": cfg.prompts, "expert": cfg.expert, "eval": cfg.eval}
-        if cfg.synthetic is not None:
-            generated = make_synthetic(**asdict(cfg.synthetic))
-            for kind, rows in generated.items():
-                if not rows:  # data.synthetic.num_expert 0: pure RL, no expert set
-                    continue
-                paths[kind] = str(self.run_dir / "data" / f"{kind}.jsonl")
-                write_jsonl(Path(paths[kind]), rows)
-        self.skipped_rows: dict[str, list[str]] = {}  # data set -> what was wrong with each row left out
-
-        def read(kind: str) -> list[dict]:
-            skipped = [] if cfg.on_bad_row == "skip" else None  # None: the first bad row stops the run here
-            rows = load_rows(paths[kind], kind, skipped)
-            if skipped:
-                self.skipped_rows[kind] = skipped
-                log.warning("data.on_bad_row = skip: %d bad rows left out of %s: %s", len(skipped), paths[kind],
-                            "; ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
-            return rows
-
-        self.prompts = read("prompts")
-        self.eval_rows = read("eval")
-        self.expert = read("expert") if paths["expert"] else []
-        if self.cfg.train.eval_max_rows:
-            self.eval_rows = self.eval_rows[: self.cfg.train.eval_max_rows]
+        data = datasets.load(self.cfg.data, self.run_dir / "data", eval_max_rows=self.cfg.train.eval_max_rows)
+        self.prompts, self.expert, self.skipped_rows = data.prompts, data.expert, data.skipped
         self.tokenizer = tok = AutoTokenizer.from_pretrained(self.model_path)
         self.prompt_ids = [tok(r["prompt"]).input_ids for r in self.prompts]
-        self.eval_ids = [tok(r["prompt"]).input_ids for r in self.eval_rows]
         self.expert_rows = [
             (tok(r["prompt"]).input_ids, tok(r["response"], add_special_tokens=False).input_ids + [tok.eos_token_id])
             for r in self.expert
         ]
+        self.evaluator = Evaluator([EvalSet(name, rows, [tok(r["prompt"]).input_ids for r in rows])
+                                    for name, rows in data.eval_sets.items()],
+                                   max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                   samples=self.cfg.train.eval_samples, seed=self.cfg.train.seed)
 
     def _data_sizes(self) -> dict[str, int]:
         """Rows of the sets the scheduler's cursors index (a resume must find the same)."""
@@ -223,6 +223,14 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True,
                    disable=None)  # off without a tty
         step = self.start_step
+        initial = None
+        if cfg.eval_at_start and step == 0:  # the starting model's accuracy, for the run's own comparison
+            try:
+                initial = self._on_engines(self.evaluate)
+                self.log.write({"step": 0, "initial": True, **initial})
+                bar.write("before training: " + self._eval_line(initial))
+            except Interrupted:
+                pass
         while step < cfg.steps and not self.stopping.is_set():
             try:
                 record = self._next_step(step)
@@ -232,10 +240,9 @@ class Trainer:
                 step = self._recover(exc)
                 continue
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                t = time.perf_counter()
                 try:
-                    accuracy = record["eval_accuracy"] = self._on_engines(self.evaluate)
-                    record["eval_seconds"] = time.perf_counter() - t
+                    record.update(self._on_engines(self.evaluate))
+                    accuracy = record["eval_accuracy"]
                 except Interrupted:  # stopping: the step is done, its evaluation is not needed
                     pass
             self.log.write(record)
@@ -257,10 +264,13 @@ class Trainer:
             raise Stopped(step, self.checkpoint(step, "sigterm")) from None
         for load in self.loads:  # async: every queued load ran before the final evaluation; none may have failed
             load.result()
-        self.log.write({"step": cfg.steps, "eval_accuracy": final, "final": True})
+        self.log.write({"step": cfg.steps, **final, "final": True})
         self.learners.all(lambda a: a.save_pretrained.remote(str(self.run_dir / "final"), self.model_path))
         last = self.checkpoint(cfg.steps, "final")
-        summary = {"steps": cfg.steps, "final_eval_accuracy": final, "last_periodic_eval_accuracy": accuracy,
+        summary = {"steps": cfg.steps, "final_eval_accuracy": final["eval_accuracy"],
+                   "final_eval": self.evaluator.nest(final),
+                   "last_periodic_eval_accuracy": accuracy,
+                   "initial_eval_accuracy": initial["eval_accuracy"] if initial else None,
                    "wall_seconds": time.perf_counter() - start, "metrics_url": self.metrics.url,
                    "model": str(self.run_dir / "final"), "checkpoint": str(last),
                    "learner_failures": self.learner_failures}
@@ -560,20 +570,8 @@ class Trainer:
         rl_rows = [(self.prompt_ids[plan.prompt_ids[c.prompt_index]], c) for c in completions]
         return Rollouts(plan, rl_rows, rewards, scored, version, phase, dropped)
 
-    def _generate(self, prompts: list[list[int]], spec: SamplingSpec):
-        shards = _chunks(list(range(len(prompts))), len(self.rollouts))
-
-        def call(actor, shard: list[int]):  # a seeded request's prompt i samples from seed + i * n, wherever it runs
-            seeded = spec if spec.seed is None else replace(spec, seed=spec.seed + shard[0] * spec.n)
-            return actor.generate.remote([prompts[i] for i in shard], seeded)
-
-        results = self.rollouts.map(call, shards, on_pending=self.metrics.queue.labels("rollout").set)
-        completions = []
-        for shard, (out, _) in zip(shards, results):
-            for c in out:
-                c.prompt_index = shard[c.prompt_index]  # shard-local -> request-global
-                completions.append(c)
-        return completions
+    def _generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Completion]:
+        return generate(self.rollouts, prompts, spec, on_pending=self.metrics.queue.labels("rollout").set)
 
     def _score(self, rows: list[dict], responses: list[str]):
         idx = _chunks(list(range(len(rows))), len(self.rewards))
@@ -740,17 +738,12 @@ class Trainer:
                 old.unlink(missing_ok=True)
         self.metrics.sync_seconds.set(time.perf_counter() - t)
 
-    def evaluate(self) -> float:
-        """Greedy generation on the held-out set through the rollout engines; accuracy = exact-match rate."""
-        t = time.perf_counter()
-        spec = SamplingSpec(n=1, max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=0.0)
-        completions = sorted(self._generate(self.eval_ids, spec), key=lambda c: c.prompt_index)  # one per row
-        exact = resolve("exact_match")
-        hits = exact([r["prompt"] for r in self.eval_rows], [c.text for c in completions],
-                     answer=[r["answer"] for r in self.eval_rows])
-        accuracy = sum(hits) / len(hits)
-        self.metrics.observe_eval(accuracy, time.perf_counter() - t)
-        return accuracy
+    def evaluate(self) -> dict[str, float]:
+        """Every held-out set through the rollout engines (actors/evaluation.py); returns the metrics.jsonl keys:
+        ``eval_accuracy`` (the target's greedy accuracy), ``eval/<set>/<metric>`` and ``eval_seconds``."""
+        results = flatten(self.evaluator.run(self._generate))
+        self.metrics.observe_eval(results)
+        return results
 
     def _console_line(self, r: dict) -> str:
         def fmt(key: str, spec: str) -> str:  # None: no on-policy rows, or no rows at all this step
@@ -762,7 +755,18 @@ class Trainer:
         if r["dropped_groups"]:
             line += f"  dropped {r['dropped_groups']} groups"
         if "eval_accuracy" in r:
-            line += f"  eval_acc {r['eval_accuracy']:.3f}"
+            line += "  " + self._eval_line(r)
+        return line
+
+    @staticmethod
+    def _eval_line(r: dict) -> str:
+        line = f"eval_acc {r['eval_accuracy']:.3f}"
+        if (k := next((k for k in r if k.startswith("eval/target/pass@") and k != "eval/target/pass@1"), None)):
+            line += f" ({k.split('/')[2]} {r[k]:.3f})"
+        kept = [(k.split("/")[1], v) for k, v in r.items()
+                if k.startswith("eval/") and k.endswith("/accuracy") and k != "eval/target/accuracy"]
+        if kept:
+            line += "  retention " + " ".join(f"{name} {v:.2f}" for name, v in kept)
         return line
 
     def close(self) -> None:

@@ -43,7 +43,12 @@ class Metrics:
         self.grad_norm = Gauge("chorus_grad_norm", "Global gradient norm before clipping", registry=r)
         self.lr = Gauge("chorus_learning_rate", "Learning rate", registry=r)
         self.response_len = Gauge("chorus_response_length_tokens", "Mean response length (tokens)", registry=r)
-        self.eval_accuracy = Gauge("chorus_eval_accuracy", "Held-out accuracy of greedy generation", registry=r)
+        self.eval_accuracy = Gauge("chorus_eval_accuracy", "Held-out accuracy of greedy generation, per set (target, "
+                                   "and each retention set)", ["set"], registry=r)
+        self.eval_pass = Gauge("chorus_eval_pass_at_k", "Held-out pass@k from train.eval_samples samples per row at "
+                               "temperature 1, per set", ["set", "k"], registry=r)
+        self.eval_tokens = Gauge("chorus_eval_response_length_tokens", "Mean greedy response length on a held-out "
+                                 "set (tokens)", ["set"], registry=r)
         self.phase = Gauge("chorus_step_phase_seconds", "Seconds the last step spent in each phase", ["phase"],
                            registry=r)
         self.phase_total = Counter("chorus_phase_seconds_total", "Seconds spent in each phase", ["phase"],
@@ -112,10 +117,20 @@ class Metrics:
             self.phase.labels(phase).set(r[f"{phase}_seconds"])
             self.phase_total.labels(phase).inc(r[f"{phase}_seconds"])
 
-    def observe_eval(self, accuracy: float, seconds: float) -> None:
-        self.eval_accuracy.set(accuracy)
-        self.phase.labels("eval").set(seconds)
-        self.phase_total.labels("eval").inc(seconds)
+    def observe_eval(self, r: dict) -> None:
+        """Export one evaluation (``eval/<set>/<metric>`` keys, actors/evaluation.py:flatten)."""
+        for key, value in r.items():
+            if not key.startswith("eval/"):
+                continue
+            _, name, metric = key.split("/")
+            if metric == "accuracy":
+                self.eval_accuracy.labels(name).set(value)
+            elif metric == "response_tokens":
+                self.eval_tokens.labels(name).set(value)
+            elif metric.startswith("pass@"):
+                self.eval_pass.labels(name, metric.removeprefix("pass@")).set(value)
+        self.phase.labels("eval").set(r["eval_seconds"])
+        self.phase_total.labels("eval").inc(r["eval_seconds"])
 
     def counters(self) -> list[list]:
         """Every counter's value, ``[[name, {labels}, value], ...]``: what a checkpoint keeps so that a resumed run's

@@ -83,13 +83,28 @@ def rendezvous(addresses: list[tuple[str, int]]) -> tuple[str, int]:
     return ("127.0.0.1" if all(a == addr for a, _ in addresses) else addr), port
 
 
+def start_rollouts(cfg: ChorusConfig, model_path: str, sync_dir: Path) -> ActorGroup:
+    """The rollout engines: each loads ``model_path``, then the newest weights file in ``sync_dir`` if any."""
+    from rollout.engine import RolloutActor
+
+    rc, gpu = cfg.rollout, _has_gpus()
+    return ActorGroup(
+        "rollout", RolloutActor, rc.num_actors,
+        bundle("rollout", rc.num_cpus, rc.tensor_parallel_size if gpu else 0),
+        lambda rank: dict(backend=rc.backend, model_path=model_path, weights_dir=str(sync_dir),
+                          num_threads=rc.num_threads, dtype=cfg.model.dtype, seed=cfg.train.seed + rank,
+                          max_model_len=rc.max_model_len, tensor_parallel_size=rc.tensor_parallel_size,
+                          kv_cache_gib=rc.kv_cache_gib, gpu_memory_utilization=rc.gpu_memory_utilization),
+        env={**BASE_ENV, "OMP_NUM_THREADS": str(rc.num_threads)}, max_restarts=-1, retries=3,
+        deadline_s=rc.deadline_s)
+
+
 def start_pools(cfg: ChorusConfig, model_path: str, sync_dir: Path
                 ) -> tuple[ActorGroup | None, ActorGroup, ActorGroup]:
     """(separate reference actors or None, rollout engines, reward actors). Ray restarts their actors however often
     they die over a run of days (max_restarts -1); each piece of work is retried at most 3 times, and an actor that
     cannot come back fails the run after its group's ready_timeout_s."""
     from rewards.actor import RewardActor
-    from rollout.engine import RolloutActor
 
     gpu, started = _has_gpus(), []
     try:
@@ -105,16 +120,7 @@ def start_pools(cfg: ChorusConfig, model_path: str, sync_dir: Path
                 deadline_s=cfg.learner.deadline_s))
         else:
             started.append(None)
-        rc = cfg.rollout
-        started.append(ActorGroup(
-            "rollout", RolloutActor, rc.num_actors,
-            bundle("rollout", rc.num_cpus, rc.tensor_parallel_size if gpu else 0),
-            lambda rank: dict(backend=rc.backend, model_path=model_path, weights_dir=str(sync_dir),
-                              num_threads=rc.num_threads, dtype=cfg.model.dtype, seed=cfg.train.seed + rank,
-                              max_model_len=rc.max_model_len, tensor_parallel_size=rc.tensor_parallel_size,
-                              kv_cache_gib=rc.kv_cache_gib, gpu_memory_utilization=rc.gpu_memory_utilization),
-            env={**BASE_ENV, "OMP_NUM_THREADS": str(rc.num_threads)}, max_restarts=-1, retries=3,
-            deadline_s=rc.deadline_s))
+        started.append(start_rollouts(cfg, model_path, sync_dir))
         started.append(ActorGroup(
             "reward", RewardActor, cfg.reward.num_actors, {"CPU": cfg.reward.num_cpus},
             lambda rank: dict(cfg=cfg.reward), env=BASE_ENV, max_restarts=-1, retries=3,

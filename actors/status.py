@@ -44,8 +44,9 @@ def read_records(path: Path) -> list[dict]:
 
 
 def steps_done(record: dict) -> int:
-    """Training steps completed at a record: a step's record carries its 0-based index, the final one the count."""
-    return record["step"] if record.get("final") else record["step"] + 1
+    """Training steps completed at a record: a step's record carries its 0-based index, the final one (and the
+    evaluation before training, ``initial``) the count."""
+    return record["step"] if record.get("final") or record.get("initial") else record["step"] + 1
 
 
 def rates(records: list[dict]) -> dict | None:
@@ -105,6 +106,19 @@ def _config(run_dir: Path) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
+def _last_eval(records: list[dict]) -> dict | None:
+    """The newest evaluation: ``{"step", "sets": {set: {metric: value}}}`` (``eval/<set>/<metric>`` keys)."""
+    for rec in reversed(records):
+        if "eval_accuracy" in rec:
+            sets: dict[str, dict] = {}
+            for key, value in rec.items():
+                if key.startswith("eval/") and key.count("/") == 2:
+                    _, name, metric = key.split("/")
+                    sets.setdefault(name, {})[metric] = value
+            return {"step": steps_done(rec), "sets": sets}
+    return None
+
+
 def run_status(run_dir: str | Path, now: float | None = None) -> dict:
     """Everything the run dir says (no network)."""
     run_dir = Path(run_dir)
@@ -133,6 +147,7 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict:
         "eta_s": 60.0 * remaining / r["steps_per_min"] if r and remaining and not finished else None,
         "reward_mean": _last(records, "reward_mean"),
         "eval_accuracy": _last(records, "eval_accuracy"),
+        "eval": _last_eval(records),
         "checkpoint_dir": str(ckpt_dir),
         "checkpoints": ckpts,
         "newest_checkpoint": next((c for c in ckpts if "error" not in c), None),
@@ -236,6 +251,11 @@ def format_status(s: dict) -> str:
         for key, name in (("reward_mean", "reward"), ("eval_accuracy", "eval acc")):
             v = s[key]
             lines.append(f"{name:<12}{v['value']:.4f} (after step {v['step']})" if v else f"{name:<12}-")
+        if s.get("eval") and s["eval"]["sets"]:
+            for name, m in s["eval"]["sets"].items():
+                extra = "".join(f", {k} {m[k]:.3f}" for k in m if k.startswith("pass@"))
+                tokens = f", {m['response_tokens']:.1f} tokens" if "response_tokens" in m else ""
+                lines.append(f"  {name:<10}accuracy {m.get('accuracy', float('nan')):.3f}{extra}{tokens}")
         ckpts, newest = s["checkpoints"], s["newest_checkpoint"]
         if newest:
             lines.append(f"checkpoint  {newest['name']}: {newest['reason']}, written {_age(newest['age_s'])} ago "

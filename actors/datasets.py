@@ -1,0 +1,73 @@
+"""A run's data: the prompt, expert and held-out sets named by ``data``, generated first where the config says so
+(``data.synthetic``, ``data.tasks``), read and checked (``rollout/data.py``). Used by training and ``chorus eval``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from actors.config import DataConfig
+from actors.evaluation import TARGET
+from rollout.data import load_rows, make_synthetic, write_jsonl
+from rollout.tasks import make_task_sets
+
+log = logging.getLogger("chorus")
+
+
+@dataclass
+class RunData:
+    prompts: list[dict]
+    expert: list[dict]  # empty without an expert set
+    eval_sets: dict[str, list[dict]]  # "target" (data.eval) first, then each retention set
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # data set -> why each row left out was bad
+
+
+def generate(cfg: DataConfig, data_dir: Path) -> dict[str, str]:
+    """Write the generated sets into ``data_dir``; returns every set's path: "prompts", "expert", "eval" (of the
+    target) and "retention/<name>" (the expert path is "" when there is no expert set)."""
+    paths = {"prompts": cfg.prompts, "expert": cfg.expert, "eval": cfg.eval,
+             **{f"retention/{name}": path for name, path in cfg.retention.items()}}
+    if cfg.synthetic is not None:
+        generated = make_synthetic(**asdict(cfg.synthetic))
+    elif cfg.tasks is not None:
+        t = cfg.tasks
+        sets = make_task_sets(dict(t.mixture), list(t.eval), seed=t.seed, num_prompts=t.num_prompts,
+                              num_expert=t.num_expert, num_eval=t.num_eval)
+        target, *retention = t.eval
+        generated = {"prompts": sets["prompts"], "expert": sets["expert"], "eval": sets[f"eval/{target}"],
+                     **{f"retention/{f}": sets[f"eval/{f}"] for f in retention}}
+    else:
+        return paths
+    for kind, rows in generated.items():
+        if not rows:  # num_expert 0: pure RL, no expert set
+            continue
+        paths[kind] = str(data_dir / f"{kind.replace('/', '-')}.jsonl")
+        write_jsonl(Path(paths[kind]), rows)
+    return paths
+
+
+def load(cfg: DataConfig, data_dir: Path, *, eval_max_rows: int = 0, only_eval: bool = False) -> RunData:
+    """Generate (into ``data_dir``) and read the run's sets. A bad row stops here naming file and line, or with
+    ``data.on_bad_row: skip`` is left out, logged and listed in ``skipped``."""
+    paths = generate(cfg, data_dir)
+    skipped: dict[str, list[str]] = {}
+
+    def read(name: str, kind: str) -> list[dict]:
+        bad = [] if cfg.on_bad_row == "skip" else None  # None: the first bad row raises DataError
+        rows = load_rows(paths[name], kind, bad)
+        if bad:
+            skipped[name] = bad
+            log.warning("data.on_bad_row = skip: %d bad rows left out of %s: %s", len(bad), paths[name],
+                        "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
+        return rows[:eval_max_rows] if kind == "eval" and eval_max_rows else rows
+
+    eval_sets = {TARGET: read("eval", "eval")}
+    for name in paths:
+        if name.startswith("retention/"):
+            eval_sets[name.removeprefix("retention/")] = read(name, "eval")
+    if only_eval:
+        return RunData([], [], eval_sets, skipped)
+    prompts = read("prompts", "prompts")
+    expert = read("expert", "expert") if paths["expert"] else []
+    return RunData(prompts, expert, eval_sets, skipped)

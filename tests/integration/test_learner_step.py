@@ -1,0 +1,118 @@
+"""The learner's training step, wired as a run wires it: the real LearnerActor (DeepSpeed, one rank, in a process of
+its own, without Ray) on the tiny model, with a batch built by hand. Each check fails if one piece of the wiring is
+swapped: which log-probabilities are the old ones, mu against 1 - mu, the sign of the RL term, expert rows outside
+the SFT term. learners/losses.py's maths is tested on its own in tests/unit/test_losses.py; this is the wiring.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import socket
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+MU = 0.3
+PROMPT = [1, 40, 41, 42]  # <s> and three characters
+ROWS = {  # response tokens; the last is the end token
+    "up": [50, 51, 2],  # on-policy, advantage +1
+    "down": [52, 53, 54, 2],  # on-policy, advantage -1
+    "expert": [55, 56, 2],  # an expert demonstration
+}
+
+
+def _batch(names, old=None, adv=None):
+    from learners.batch import TrainBatch
+
+    return TrainBatch(input_ids=[PROMPT + ROWS[n] for n in names], prompt_lens=[len(PROMPT)] * len(names),
+                      old_logprobs=[(old or {}).get(n, [0.0] * len(ROWS[n])) for n in names],
+                      advantages=[[(adv or {}).get(n, 0.0)] * len(ROWS[n]) for n in names],
+                      is_expert=[n == "expert" for n in names])
+
+
+def _child(model_dir: str, port: int, out) -> None:
+    from actors.config import AlgoConfig, LearnerConfig
+    from learners.learner import LearnerActor
+
+    # beta1 = 0: each update is the gradient scaled per parameter by a positive factor, so a small step moves a
+    # log-probability the way its gradient says, whatever the previous steps were
+    cfg = LearnerConfig(lr=1e-4, betas=[0.0, 0.999], grad_clip=0.0, micro_batch_size=8)
+    actor = LearnerActor(model_dir, cfg, AlgoConfig(clip_eps=0.2), dtype="float32", seed=0, rank=0, world_size=1)
+    actor.setup("127.0.0.1", port)
+    names = ["up", "down", "expert"]
+    lp = dict(zip(names, actor.logprobs(_batch(names))))
+    # behaviour log-probabilities 0.05 below / above the learner's: ratios e^0.05 and e^-0.05, inside the clip range
+    old = {"up": [x - 0.05 for x in lp["up"]], "down": [x + 0.05 for x in lp["down"]]}
+    # the expert row carries an advantage the driver never gives it (its are 0): in the RL term it would show
+    batch = _batch(names, old, {"up": 1.0, "down": -1.0, "expert": 5.0})
+    metrics = actor.train_step([batch], mu=MU, **batch.counts())
+    after = dict(zip(names, actor.logprobs(_batch(names))))
+    # one term at a time: the sign of each term's update
+    steps = {}
+    for name, mu, adv in (("up", 0.0, 1.0), ("down", 0.0, -1.0), ("expert", 1.0, 0.0)):
+        current = actor.logprobs(_batch([name]))[0]
+        b = _batch([name], {name: current}, {name: adv})  # on-policy: old = current, ratio 1
+        actor.train_step([b], mu=mu, **b.counts())
+        steps[name] = sum(actor.logprobs(_batch([name]))[0]) - sum(current)
+    out.put({"lp": lp, "metrics": metrics, "after": after, "steps": steps})
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    from pathlib import Path
+
+    from rollout.tiny import build_model
+
+    model = build_model(Path(__file__).resolve().parents[2] / "configs/models/tiny_llama.json",
+                        tmp_path_factory.mktemp("learner") / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")  # a process group of its own, away from the test process
+    out = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(str(model), port, out))
+    proc.start()
+    try:
+        return out.get(timeout=240)
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+
+
+def test_loss_is_one_minus_mu_rl_plus_mu_sft_with_the_behaviour_logprobs_as_old(result):
+    lp, m = result["lp"], result["metrics"]
+    # RL term, token mean over the 3 + 4 on-policy tokens: -(1/7) * sum_t A * exp(lp_t - old_t), no clipping
+    # (ratios e^0.05 = 1.0513 and e^-0.05 = 0.9512 lie inside [0.8, 1.2]):
+    #   = -(1/7) * (3 * e^0.05 - 4 * e^-0.05) = -(3.1538 - 3.8049) / 7 = 0.0930
+    # Had the learner used its own log-probabilities as the old ones, every ratio would be 1: -(3 - 4) / 7 = 0.1429.
+    rl = -(3 * math.exp(0.05) - 4 * math.exp(-0.05)) / 7
+    assert m["rl_loss"] == pytest.approx(rl, abs=1e-5)
+    # SFT term: the expert row's mean negative log-likelihood; on-policy rows are not in it
+    sft = -sum(lp["expert"]) / 3
+    assert m["sft_loss"] == pytest.approx(sft, abs=1e-5)
+    # (1 - mu) * RL + mu * SFT; swapped it would be 0.3 * 0.0930 + 0.7 * sft
+    assert m["loss"] == pytest.approx((1 - MU) * rl + MU * sft, abs=1e-5)
+    assert abs((MU * rl + (1 - MU) * sft) - m["loss"]) > 1e-2
+
+
+def test_expert_rows_are_only_in_the_sft_term(result):
+    lp, m = result["lp"], result["metrics"]
+    # the expert row's advantage 5 and old log-probabilities 0: in the RL term it would add -5 * sum_t exp(lp_t) / 7
+    in_rl = -(3 * math.exp(0.05) - 4 * math.exp(-0.05) + 5 * sum(math.exp(x) for x in lp["expert"])) / 7
+    assert abs(m["rl_loss"] - in_rl) > 1e-3
+    # on-policy rows in the SFT term would average their log-likelihoods in too, over 10 tokens
+    mixed = -(sum(lp["up"]) + sum(lp["down"]) + sum(lp["expert"])) / 10
+    assert abs(m["sft_loss"] - mixed) > 1e-3
+
+
+def test_each_term_moves_the_policy_the_right_way(result):
+    s = result["steps"]
+    assert s["up"] > 0, s  # positive advantage: its response becomes more likely
+    assert s["down"] < 0, s  # negative advantage: less likely
+    assert s["expert"] > 0, s  # SFT: the demonstration becomes more likely
+    after, before = result["after"], result["lp"]
+    assert sum(after["up"]) > sum(before["up"]) and sum(after["down"]) < sum(before["down"])
+    assert sum(after["expert"]) > sum(before["expert"])
