@@ -180,7 +180,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 20  # steps between evaluations (0 = only at the end)
     eval_max_rows: int = 0  # evaluate on the first N rows of each held-out set (0 = all)
-    eval_samples: int = 0  # n > 0: also n samples per held-out row at temperature 1, for pass@1 and pass@n
+    eval_samples: int = 0  # n > 0: also n samples per target row at temperature 1, for pass@1 and pass@n
     eval_at_start: bool = False  # evaluate the starting model too (a line with "initial": true in metrics.jsonl)
     max_staleness: int = 0  # 0 = synchronous; k > 0 = async: rollouts run up to k policy versions behind,
     #                         generating the next steps while the learner trains this one

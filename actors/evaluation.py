@@ -5,9 +5,11 @@ families of ``data.tasks.eval`` after the first). Each evaluation generates, thr
 
 - one greedy response per row: ``accuracy`` (exact match with the row's ``answer``) and ``response_tokens`` (mean
   tokens of the response, the end-of-sequence token included when it was generated);
-- with ``train.eval_samples`` = n > 0, n samples per row at temperature 1 from a fixed seed: ``pass@1`` (the share
-  of correct samples) and ``pass@n`` (the share of rows with a correct sample), the unbiased estimator of Chen et
-  al. 2021 ("Evaluating Large Language Models Trained on Code", eq. 1) at k = n.
+- on the target set, with ``train.eval_samples`` = n > 0, n samples per row at temperature 1 from a fixed seed:
+  ``pass@1`` (the share of correct samples) and ``pass@n`` (the share of rows with a correct sample), the unbiased
+  estimator of Chen et al. 2021 ("Evaluating Large Language Models Trained on Code", eq. 1) at k = n. The retention
+  sets are scored greedily only: what they measure is whether a skill is kept, and sampling them would multiply
+  the evaluation's cost by n + 1.
 
 No Ray here: ``generate(prompt_ids, spec)`` is the driver's (or ``chorus eval``'s) call into the engines.
 """
@@ -62,9 +64,10 @@ class Evaluator:
         greedy = self._by_row(generate(prompts, SamplingSpec(n=1, max_new_tokens=self.max_new_tokens,
                                                                temperature=0.0)), len(prompts), 1)
         sampled = None
-        if self.samples:
+        if self.samples:  # the target set's rows come first
             spec = SamplingSpec(n=self.samples, max_new_tokens=self.max_new_tokens, temperature=1.0, seed=self.seed)
-            sampled = self._by_row(generate(prompts, spec), len(prompts), self.samples)
+            target = self.sets[0].ids
+            sampled = self._by_row(generate(target, spec), len(target), self.samples)
         out: dict[str, dict[str, float]] = {}
         start = 0
         for s in self.sets:
@@ -74,7 +77,7 @@ class Evaluator:
             hits = [_correct(greedy[i][0].text, a) for i, a in zip(rows, answers)]
             m = {"accuracy": sum(hits) / len(hits),
                  "response_tokens": sum(len(greedy[i][0].token_ids) for i in rows) / len(hits)}
-            if sampled is not None:
+            if sampled is not None and s is self.sets[0]:
                 n = self.samples
                 correct = [sum(_correct(c.text, a) for c in sampled[i]) for i, a in zip(rows, answers)]
                 m["pass@1"] = sum(pass_at_k(n, c, 1) for c in correct) / len(correct)

@@ -68,7 +68,7 @@ class Scheduler:
 
     def state(self) -> dict:
         """The data cursors (a checkpoint's part of the scheduler: mu and the plan are functions of the step)."""
-        return {"prompts": vars(self.prompts).copy(), "expert": vars(self.expert).copy()}
+        return {"prompts": self.prompts.state(), "expert": self.expert.state()}
 
     def load_state(self, state: dict) -> None:
         self.prompts, self.expert = Cursor(**state["prompts"]), Cursor(**state["expert"])

@@ -10,7 +10,7 @@ from actors.config import load_config
 from actors.scheduler import Scheduler
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
 @pytest.fixture(autouse=True)

@@ -174,10 +174,11 @@ def test_cursor_is_deterministic_and_chunking_does_not_matter():
 
 
 def test_cursor_resumes_from_saved_state():
-    # Scheduler.state() saves vars(cursor); a cursor rebuilt from it continues the same sequence.
+    # Scheduler.state() saves cursor.state(); a cursor rebuilt from it continues the same sequence.
     a = Cursor(6, seed=9)
     a.take(4)
-    b = Cursor(**vars(a).copy())
+    assert a.state() == {"size": 6, "seed": 9, "epoch": 0, "pos": 4}  # not the cached permutation
+    b = Cursor(**a.state())
     assert a.take(10) == b.take(10)
 
 

@@ -25,6 +25,8 @@ def _engine(answers: dict[str, list[str]], greedy: dict[str, str]):
 
     def generate(prompts, spec):
         calls.append(spec)
+        if spec.temperature:
+            assert [len(p) for p in prompts] == [4, 4]  # sampled: the target set's two rows only
         out = []
         for i, ids in enumerate(prompts):
             prompt = "".join(map(chr, ids))
@@ -51,7 +53,7 @@ def test_metrics_per_set():
     assert out["target"]["pass@1"] == pytest.approx((3 / 4 + 1 / 4) / 2)
     assert out["target"]["pass@4"] == 1.0
     assert out["target"]["response_tokens"] == pytest.approx((2 + 2) / 2)  # one character + the stop token each
-    assert out["rev"] == {"accuracy": 1.0, "response_tokens": 5.0, "pass@1": 0.0, "pass@4": 0.0}
+    assert out["rev"] == {"accuracy": 1.0, "response_tokens": 5.0}  # retention sets: greedy only
     assert calls[0].temperature == 0.0 and calls[1].temperature == 1.0 and calls[1].n == 4
     # every evaluation of a run samples with the same seed, so two differ by the policy alone
     generate2, calls2 = _engine(samples, greedy)
