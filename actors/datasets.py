@@ -23,17 +23,19 @@ class RunData:
     skipped: dict[str, list[str]] = field(default_factory=dict)  # data set -> why each row left out was bad
 
 
-def generate(cfg: DataConfig, data_dir: Path) -> dict[str, str]:
+def generate(cfg: DataConfig, data_dir: Path, *, only_eval: bool = False) -> dict[str, str]:
     """Write the generated sets into ``data_dir``; returns every set's path: "prompts", "expert", "eval" (of the
-    target) and "retention/<name>" (the expert path is "" when there is no expert set)."""
+    target) and "retention/<name>" (the expert path is "" when there is no expert set). ``only_eval``: the
+    held-out sets only (``chorus eval``), which do not depend on the training rows."""
     paths = {"prompts": cfg.prompts, "expert": cfg.expert, "eval": cfg.eval,
              **{f"retention/{name}": path for name, path in cfg.retention.items()}}
     if cfg.synthetic is not None:
         generated = make_synthetic(**asdict(cfg.synthetic))
     elif cfg.tasks is not None:
         t = cfg.tasks
-        sets = make_task_sets(dict(t.mixture), list(t.eval), seed=t.seed, num_prompts=t.num_prompts,
-                              num_expert=t.num_expert, num_eval=t.num_eval)
+        train = (0, 0) if only_eval else (t.num_prompts, t.num_expert)
+        sets = make_task_sets(dict(t.mixture), list(t.eval), seed=t.seed, num_prompts=train[0], num_expert=train[1],
+                              num_eval=t.num_eval)
         target, *retention = t.eval
         generated = {"prompts": sets["prompts"], "expert": sets["expert"], "eval": sets[f"eval/{target}"],
                      **{f"retention/{f}": sets[f"eval/{f}"] for f in retention}}
@@ -50,7 +52,7 @@ def generate(cfg: DataConfig, data_dir: Path) -> dict[str, str]:
 def load(cfg: DataConfig, data_dir: Path, *, eval_max_rows: int = 0, only_eval: bool = False) -> RunData:
     """Generate (into ``data_dir``) and read the run's sets. A bad row stops here naming file and line, or with
     ``data.on_bad_row: skip`` is left out, logged and listed in ``skipped``."""
-    paths = generate(cfg, data_dir)
+    paths = generate(cfg, data_dir, only_eval=only_eval)
     skipped: dict[str, list[str]] = {}
 
     def read(name: str, kind: str) -> list[dict]:

@@ -30,8 +30,7 @@ import ray
 import torch
 
 from actors import checkpoint as ckpt
-from actors import pools
-from actors import datasets
+from actors import datasets, pools
 from actors.config import ChorusConfig, ConfigError, to_yaml
 from actors.evaluation import Evaluator, EvalSet, flatten
 from actors.group import GroupFailed, Interrupted
@@ -39,7 +38,7 @@ from actors.metrics import STEP_PHASES, JsonlLog, Metrics
 from actors.scheduler import Scheduler, StepPlan, drop_failed_groups
 from learners.advantages import final_token_rewards, gae, grpo_advantages, whiten
 from learners.batch import TrainBatch, even_split, split_for_ranks
-from rewards.registry import check_args, isolation, resolve
+from rewards.registry import check_args, isolation
 from rollout.engine import weights_file
 from rollout.tiny import ensure_model
 from rollout.types import Completion, SamplingSpec, Scored

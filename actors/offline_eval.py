@@ -67,7 +67,8 @@ def format_results(results: dict[str, dict[str, float]], model_dir: str) -> str:
     lines = [f"model {model_dir}", head]
     for name, m in results.items():
         if name:
-            lines.append(f"{name:<12}{m['accuracy']:>10.3f}" + "".join(f"{m[k]:>10.3f}" for k in metrics)
+            lines.append(f"{name:<12}{m['accuracy']:>10.3f}"
+                         + "".join(f"{m[k]:>10.3f}" if k in m else f"{'-':>10}" for k in metrics)
                          + f"{m['response_tokens']:>9.1f}")
     lines.append(f"({results['']['rows']} rows in {results['']['seconds']:.1f} s; accuracy: greedy exact match; "
                  f"tokens: mean greedy response length)")

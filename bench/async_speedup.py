@@ -21,7 +21,7 @@ def run(staleness: int, args, run_dir: Path) -> list[dict]:
     from actors.config import load_config
     from actors.driver import Trainer
 
-    cfg = load_config(ROOT / "configs" / "from_scratch" / "reverse.yaml", [
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
         f"rollout.backend={args.backend}", "algo.mu_peak=0.5", "algo.mu_valley=0.5", "algo.mu_decay_steps=0",
         f"train.steps={args.steps}", "train.eval_every=0", "train.eval_max_rows=20",
         f"train.max_staleness={staleness}"])

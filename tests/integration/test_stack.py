@@ -91,7 +91,7 @@ def test_smoke_run_learns_and_serves_metrics(trainer):
     # the steps the weight-sync test took are the run's first ones: it goes on from there (a checkpoint must hold
     # as many steps as the learners have taken)
     trainer.start_step = trainer.version
-    start_accuracy = trainer.evaluate()
+    start_accuracy = trainer.evaluate()["eval_accuracy"]
     summary = trainer.run()
     done.set()
     scraper.join(timeout=10)

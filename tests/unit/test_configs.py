@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from actors.config import load_config
 from actors.scheduler import Scheduler
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +22,7 @@ def _root(monkeypatch):
 def test_the_presets_are_all_there():
     names = {p.stem for p in CONFIGS}
     assert {"quickstart", "quickstart_json", "smoke", "sft", "grpo", "ppo", "sft_then_rl", "chord_mu", "chord_phi",
-            "chord"} <= names
+            "chord", "pretrain_base"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -54,3 +55,10 @@ def test_preset_semantics():
     q = c["quickstart_json"]
     assert q.data.synthetic.task == "json" and "json_schema" in [f.name for f in q.reward.functions]
     assert q.rollout.max_new_tokens >= len('{"r":"","n":0}') + q.data.synthetic.max_len + 1  # + end of sequence
+    # the base model's pretraining: pure SFT on every family it is evaluated on, its card's families
+    pre = c["pretrain_base"]
+    assert _mu(ROOT / "configs/pretrain_base.yaml", [0, pre.train.steps - 1]) == [1.0, 1.0]
+    assert set(pre.data.tasks.mixture) == set(pre.data.tasks.eval)
+    card = json.loads((ROOT / "models/base/eval.json").read_text())
+    assert card["mixture"] == pre.data.tasks.mixture and card["steps"] == pre.train.steps
+    assert list(card["accuracy"]) == list(pre.data.tasks.eval)
