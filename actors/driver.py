@@ -148,8 +148,8 @@ class Trainer:
             for f in cfg.reward.functions:  # export zeros from the start, not only after a first failure
                 self.metrics.reward_failures.labels(f.name)
                 self.metrics.reward.labels(f.name)
-            for kind in ("prompts", "expert", "eval", *self.skipped_rows):  # a resumed run has them in the
-                self.metrics.skipped_rows.labels(kind).inc(  # checkpoint's counters
+            for kind in dict.fromkeys(("prompts", "expert", "eval", *self.skipped_rows)):  # each set once (a
+                self.metrics.skipped_rows.labels(kind).inc(  # resumed run has them in the checkpoint's counters)
                     0 if found else len(self.skipped_rows.get(kind, ())))
             (self.run_dir / "metrics_url").write_text(self.metrics.url + "\n")
             self.log = JsonlLog(self.run_dir / "metrics.jsonl", self.start_step if resume else None)

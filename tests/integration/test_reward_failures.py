@@ -64,7 +64,8 @@ def test_bad_data_rows_are_skipped_named_and_counted(trainer):
     """data.on_bad_row = skip: the good rows are all there, in order; each bad one is named by file and line, and
     counted per data set on the endpoint."""
     assert trainer.prompts == trainer.good_rows["prompts"] and trainer.expert == trainer.good_rows["expert"]
-    assert trainer.eval_rows == trainer.good_rows["eval"]
+    target = trainer.evaluator.sets[0]
+    assert target.name == "target" and target.rows == trainer.good_rows["eval"]
     prompts = trainer.cfg.data.prompts
     assert trainer.skipped_rows["prompts"] == [f"{prompts}:4: not valid JSON (Expecting property name enclosed in "
                                                f"double quotes)", f"{prompts}:12: field 'answer' (a string) is missing"]
