@@ -32,7 +32,7 @@ import torch
 from actors import checkpoint as ckpt
 from actors import datasets, pools
 from actors.config import ChorusConfig, ConfigError, to_yaml
-from actors.evaluation import Evaluator, EvalSet, flatten
+from actors.evaluation import Evaluator, EvalSet, flatten, nest
 from actors.group import GroupFailed, Interrupted
 from actors.metrics import STEP_PHASES, JsonlLog, Metrics
 from actors.scheduler import Scheduler, StepPlan, drop_failed_groups
@@ -267,7 +267,7 @@ class Trainer:
         self.learners.all(lambda a: a.save_pretrained.remote(str(self.run_dir / "final"), self.model_path))
         last = self.checkpoint(cfg.steps, "final")
         summary = {"steps": cfg.steps, "final_eval_accuracy": final["eval_accuracy"],
-                   "final_eval": self.evaluator.nest(final),
+                   "final_eval": nest(final),
                    "last_periodic_eval_accuracy": accuracy,
                    "initial_eval_accuracy": initial["eval_accuracy"] if initial else None,
                    "wall_seconds": time.perf_counter() - start, "metrics_url": self.metrics.url,

@@ -89,16 +89,6 @@ class Evaluator:
 
     @staticmethod
     @staticmethod
-    def nest(flat: dict[str, float]) -> dict[str, dict[str, float]]:
-        """``eval/<set>/<metric>`` keys (:func:`flatten`) back to ``{set: {metric: value}}``."""
-        out: dict[str, dict[str, float]] = {}
-        for key, value in flat.items():
-            if key.startswith("eval/"):
-                _, name, metric = key.split("/")
-                out.setdefault(name, {})[metric] = value
-        return out
-
-    @staticmethod
     def _by_row(completions: list[Completion], rows: int, n: int) -> list[list[Completion]]:
         out: list[list[Completion]] = [[] for _ in range(rows)]
         for c in completions:
@@ -115,4 +105,14 @@ def flatten(results: dict[str, dict[str, float]]) -> dict[str, float]:
         if name:
             out.update({f"eval/{name}/{k}": v for k, v in m.items()})
     out["eval_seconds"] = results[""]["seconds"]
+    return out
+
+
+def nest(flat: dict) -> dict[str, dict[str, float]]:
+    """``eval/<set>/<metric>`` keys (:func:`flatten`) back to ``{set: {metric: value}}``; other keys are left out."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in flat.items():
+        if key.startswith("eval/") and key.count("/") == 2:
+            _, name, metric = key.split("/")
+            out.setdefault(name, {})[metric] = value
     return out

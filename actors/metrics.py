@@ -11,6 +11,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from actors.evaluation import nest
+
 STEP_PHASES = ("generate", "reward", "train", "sync", "other")  # a training step's wall time, split
 PHASES = (*STEP_PHASES, "eval")
 
@@ -119,16 +121,14 @@ class Metrics:
 
     def observe_eval(self, r: dict) -> None:
         """Export one evaluation (``eval/<set>/<metric>`` keys, actors/evaluation.py:flatten)."""
-        for key, value in r.items():
-            if not key.startswith("eval/"):
-                continue
-            _, name, metric = key.split("/")
-            if metric == "accuracy":
-                self.eval_accuracy.labels(name).set(value)
-            elif metric == "response_tokens":
-                self.eval_tokens.labels(name).set(value)
-            elif metric.startswith("pass@"):
-                self.eval_pass.labels(name, metric.removeprefix("pass@")).set(value)
+        for name, m in nest(r).items():
+            for metric, value in m.items():
+                if metric == "accuracy":
+                    self.eval_accuracy.labels(name).set(value)
+                elif metric == "response_tokens":
+                    self.eval_tokens.labels(name).set(value)
+                elif metric.startswith("pass@"):
+                    self.eval_pass.labels(name, metric.removeprefix("pass@")).set(value)
         self.phase.labels("eval").set(r["eval_seconds"])
         self.phase_total.labels("eval").inc(r["eval_seconds"])
 

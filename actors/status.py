@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from actors.evaluation import nest
+
 RATE_WINDOW = 20  # records the rates are averaged over
 SCRAPE_TIMEOUT_S = 2.0
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})")
@@ -108,15 +110,8 @@ def _config(run_dir: Path) -> dict:
 
 def _last_eval(records: list[dict]) -> dict | None:
     """The newest evaluation: ``{"step", "sets": {set: {metric: value}}}`` (``eval/<set>/<metric>`` keys)."""
-    for rec in reversed(records):
-        if "eval_accuracy" in rec:
-            sets: dict[str, dict] = {}
-            for key, value in rec.items():
-                if key.startswith("eval/") and key.count("/") == 2:
-                    _, name, metric = key.split("/")
-                    sets.setdefault(name, {})[metric] = value
-            return {"step": steps_done(rec), "sets": sets}
-    return None
+    rec = next((r for r in reversed(records) if "eval_accuracy" in r), None)
+    return None if rec is None else {"step": steps_done(rec), "sets": nest(rec)}
 
 
 def run_status(run_dir: str | Path, now: float | None = None) -> dict:
