@@ -75,8 +75,8 @@ def write_card(run_dir: Path, seconds: int, model_dir: Path) -> dict:
 A {params / 1e6:.2f}M-parameter Llama-type causal LM ({model_cfg['num_hidden_layers']} layers, hidden
 {model_cfg['hidden_size']}, {model_cfg['num_attention_heads']} heads of {model_cfg['head_dim']}) with a character-level
 tokenizer, pretrained by chorus itself from random weights: pure SFT (mu = 1) on {tasks['num_expert']:,} generated
-rows of six task families, {summary['steps']} steps of 128 rows: a model that knows something, to post-train
-(`model.path: models/base`) and to measure forgetting on (the held-out sets below).
+rows of {len(tasks['mixture'])} task families, {summary['steps']} steps of 128 rows: a model that knows something, to
+post-train (`model.path: models/base`) and to measure forgetting on (the held-out sets below).
 
 Rebuild: `make base` (`ops/build_base.sh`: `chorus train configs/pretrain_base.yaml`, then this directory).
 Built at commit {info['commit']} in {seconds // 60} min {seconds % 60} s on {info['machine']}.
@@ -89,7 +89,8 @@ seed {tasks['seed']} trains on them):
 |---|---|---|---|---|
 {rows}
 
-The prompt is the text before the answer; the model writes the answer and its end token.
+The prompt is the text before the answer; the model writes the answer and its end token. A family with no share of
+the corpus is a post-training target: what the base does without having been taught it.
 """)
     return info
 

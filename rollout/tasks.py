@@ -63,8 +63,15 @@ def add3(rng: random.Random) -> Instance:
     return f"{a}+{b}=", str(a + b)
 
 
+def sortrep(rng: random.Random) -> Instance:
+    """Sort 4-7 letters of a-e, so letters repeat: ``sort daabbb=`` -> ``aabbbd``. A post-training target: the
+    base learnt to sort letters of the whole alphabet, which seldom repeat, and keeps count of repeats only partly."""
+    s = _letters(rng, "abcde", 4, 7)
+    return f"sort {s}=", "".join(sorted(s))
+
+
 FAMILIES: dict[str, Callable[[random.Random], Instance]] = {
-    f.__name__: f for f in (rev, sort, count, upper, add2, add3)
+    f.__name__: f for f in (rev, sort, count, upper, add2, add3, sortrep)
 }
 
 

@@ -16,8 +16,10 @@ def test_answers_are_right(family):
         body = prompt[:-1]
         if family == "rev":
             assert answer == body.removeprefix("rev ")[::-1]
-        elif family == "sort":
+        elif family in ("sort", "sortrep"):
             assert answer == "".join(sorted(body.removeprefix("sort ")))
+            if family == "sortrep":  # the same instruction as sort, on 4-7 letters of a-e
+                assert set(answer) <= set("abcde") and 4 <= len(answer) <= 7
         elif family == "count":
             letter, s = body.removeprefix("count ").split(":")
             assert answer == str(s.count(letter))
@@ -34,6 +36,16 @@ def test_examples_from_the_docstrings():
     # the forms the README and the base model's card describe
     assert FAMILIES["rev"](random.Random(0))[0].startswith("rev ")
     assert FAMILIES["count"](random.Random(0))[0].startswith("count ")
+
+
+def test_sortrep_repeats_letters():
+    # the target's point: most of its strings hold a letter more than once (7 letters of 5 always do), where the
+    # base's sort rows of the whole alphabet seldom do
+    rng = random.Random(2)
+    repeats = [len(set(p[5:-1])) < len(p[5:-1]) for p, _ in (FAMILIES["sortrep"](rng) for _ in range(1000))]
+    # P(no repeat) = 5!/(5-n)!/5^n: 120/625 = 0.192 (n=4), 120/3125 = 0.038 (n=5), 0 (n=6, 7); so P(repeat) =
+    # 1 - (0.192 + 0.038) / 4 = 0.942 with the length uniform in 4-7; sd of the count of 1000 is about 7
+    assert 920 < sum(repeats) < 965
 
 
 def test_held_out_rows_are_never_trained_on_and_fixed_by_the_seed():
