@@ -2,10 +2,10 @@
 
     .venv/bin/python bench/async_speedup.py [--backend hf|vllm] [--steps 60] [--skip 5]
 
-Runs the quickstart task (mu held at 0.5, so every step generates and trains) twice with the same seed: synchronous
-(train.max_staleness=0) and async (1). From the synchronous run's phase times, G = generate + reward and
-T = train + sync per step; overlapping them at best gives (G + T) / max(G, T). The achieved speedup is the ratio of
-mean step times (the first --skip steps, which include warm-up, left out).
+Runs the from-scratch reversal task (configs/from_scratch/reverse.yaml; mu held at 0.5, so every step generates and
+trains) twice with the same seed: synchronous (train.max_staleness=0) and async (1). From the synchronous run's phase
+times, G = generate + reward and T = train + sync per step; overlapping them at best gives (G + T) / max(G, T). The
+achieved speedup is the ratio of mean step times (the first --skip steps, which include warm-up, left out).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def run(staleness: int, args, run_dir: Path) -> list[dict]:
     from actors.config import load_config
     from actors.driver import Trainer
 
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
+    cfg = load_config(ROOT / "configs" / "from_scratch" / "reverse.yaml", [
         f"rollout.backend={args.backend}", "algo.mu_peak=0.5", "algo.mu_valley=0.5", "algo.mu_decay_steps=0",
         f"train.steps={args.steps}", "train.eval_every=0", "train.eval_max_rows=20",
         f"train.max_staleness={staleness}"])

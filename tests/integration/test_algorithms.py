@@ -21,7 +21,7 @@ STEPS = 40
 def _run(tmp_path: Path, overrides: list[str]) -> list[dict]:
     from actors.driver import Trainer
 
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
+    cfg = load_config(ROOT / "configs" / "from_scratch" / "reverse.yaml", [
         "algo.mu_peak=0", "algo.mu_valley=0", "algo.mu_decay_steps=0", "algo.expert_ratio=0",  # pure RL
         "learner.lr=1e-3", "learner.decay_steps=0", f"train.steps={STEPS}", "train.eval_every=0",
         "train.eval_max_rows=20", *overrides,

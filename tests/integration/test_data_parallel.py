@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _run(tmp_path: Path, name: str, overrides: list[str], before=None) -> list[dict]:
     from actors.driver import Trainer
 
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
+    cfg = load_config(ROOT / "configs" / "from_scratch" / "reverse.yaml", [
         "learner.num_cpus=0.25", "critic.num_cpus=0.25", "reference.num_cpus=0.25",
         "learner.micro_batch_size=16", "critic.micro_batch_size=16",  # several micro-batches per rank too
         "algo.mu_peak=0.5", "algo.mu_valley=0.5", "algo.mu_decay_steps=0",  # both loss terms weigh in

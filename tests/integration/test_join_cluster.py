@@ -61,8 +61,8 @@ def test_train_joins_ray_address_and_leaves_cluster_up(ray_head, tmp_path):
     run_dir = tmp_path / "run"
     env = {**ENV, "RAY_ADDRESS": ray_head}
     proc = subprocess.run(
-        [sys.executable, "-m", "actors.cli", "train", str(ROOT / "configs" / "quickstart.yaml"), "--run-dir",
-         str(run_dir), "train.steps=2", "data.synthetic.num_eval=10"],
+        [sys.executable, "-m", "actors.cli", "train", str(ROOT / "configs" / "from_scratch" / "reverse.yaml"),
+         "--run-dir", str(run_dir), "train.steps=2", "data.synthetic.num_eval=10"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -25,7 +25,7 @@ def test_reward_module_in_the_working_directory(tmp_path):
     (tmp_path / "my_rewards.py").write_text(MODULE)
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [CHORUS, "train", str(ROOT / "configs" / "quickstart.yaml"), "--run-dir", str(run_dir),
+        [CHORUS, "train", str(ROOT / "configs" / "from_scratch" / "reverse.yaml"), "--run-dir", str(run_dir),
          f"model.build={ROOT / 'configs' / 'models' / 'tiny_llama.json'}", "train.steps=2",
          "data.synthetic.num_eval=10",
          "algo.mu_peak=0.5",  # mu < 1, so every step has on-policy samples to score
