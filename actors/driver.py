@@ -264,6 +264,7 @@ class Trainer:
         for load in self.loads:  # async: every queued load ran before the final evaluation; none may have failed
             load.result()
         self.log.write({"step": cfg.steps, **final, "final": True})
+        print("after training: " + self._eval_line(final), flush=True)
         self.learners.all(lambda a: a.save_pretrained.remote(str(self.run_dir / "final"), self.model_path))
         last = self.checkpoint(cfg.steps, "final")
         summary = {"steps": cfg.steps, "final_eval_accuracy": final["eval_accuracy"],

@@ -1,16 +1,21 @@
-"""Compare the algorithm presets on the quickstart task and a harder variant, at the same sample budget and seeds.
+"""Compare the algorithm presets at the same sample budget and seeds: from the pretrained base (configs/<preset>.yaml:
+sorting letters that repeat, with retention sets of the base's other skills) and from a random initialisation
+(configs/from_scratch/<preset>.yaml: string reversal, and a harder variant).
 
     .venv/bin/pip install -e ".[bench]"          # matplotlib, for the plot
-    .venv/bin/python bench/compare_algorithms.py [--budget 32000] [--seeds 0 1 2] [--presets sft grpo ...]
+    .venv/bin/python bench/compare_algorithms.py --tasks base [--budget 12800] [--seeds 0 1 2] [--presets sft ...]
+    .venv/bin/python bench/compare_algorithms.py --tasks random-init random-init-harder --budget 32000
     .venv/bin/python bench/compare_algorithms.py --resume runs/compare/STAMP/results.json   # after an interruption
 
 Every run trains on the same number of rows (on-policy samples + expert rows): a preset with 128 rows per step gets
 half the steps of one with 64. Schedules scale with the run: SFT-then-RL switches at 30% of its steps, the CHORD
 mu decay spans 60%, the learning rate decays over the whole run (SFT-then-RL: over its SFT phase, so that RL runs at
-the decayed rate). Each run evaluates greedy exact match on the held-out set ten times. Writes
-docs/benchmarks/algorithms.md (final accuracy, steps / samples / wall time to reach 0.9, means over seeds) and
-algorithms.png (accuracy against samples) beside it; what an existing report has below its hand-written marker is
-kept.
+the decayed rate). Each run evaluates its starting model and then ``--evals`` times: greedy exact match on the
+target's held-out set and on each retention set, and pass@k on the target where the preset samples for it.
+
+Writes docs/benchmarks/algorithms.md and algorithms.png (accuracy against training rows), and keeps every task's
+results in algorithms.json, so a run of some tasks rewrites the report with the others' saved results; what the
+report has below its hand-written marker is kept.
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("sft", "grpo", "ppo", "sft_then_rl", "chord_mu", "chord_phi", "chord")
-TASKS = {
-    "quickstart": [],  # reverse 3-5 letters of abcdef
-    "harder": ["data.synthetic.alphabet=abcdefgh", "data.synthetic.min_len=4", "data.synthetic.max_len=7",
-               "rollout.max_new_tokens=10"],
+TASKS = {  # name -> (config of a preset, overrides)
+    "base": ("configs/{}.yaml", []),  # the pretrained base on sortrep (sorting letters that repeat) + retention
+    "random-init": ("configs/from_scratch/{}.yaml", []),  # a random 1.4M model reversing 3-5 letters of abcdef
+    "random-init-harder": ("configs/from_scratch/{}.yaml", [
+        "data.synthetic.alphabet=abcdefgh", "data.synthetic.min_len=4", "data.synthetic.max_len=7",
+        "rollout.max_new_tokens=10"]),
 }
-TARGET = 0.9
+RENAMED = {"quickstart": "random-init", "harder": "random-init-harder"}  # names in results saved before the base
+TARGET = 0.9  # random-init tasks: rows and time to reach this accuracy
 NOTES = "<!-- hand-written below: kept when the report is rewritten -->"
 
 
@@ -61,7 +69,9 @@ def plan_run(preset: str, task: str, seed: int, budget: int, evals: int):
     """The preset's config with the most steps whose rows fit in ``budget``, schedules scaled to match."""
     from actors.config import load_config
 
-    cfg = load_config(ROOT / "configs" / f"{preset}.yaml", TASKS[task] + [f"train.seed={seed}"])
+    path, overrides = TASKS[task]
+    cfg = load_config(ROOT / path.format(preset), overrides + [f"train.seed={seed}"])
+    cfg.train.eval_at_start = True  # every curve starts at 0 rows
     steps = 10
     while True:
         _scale(cfg, preset, steps + 1, evals)
@@ -73,29 +83,39 @@ def plan_run(preset: str, task: str, seed: int, budget: int, evals: int):
 
 
 def run_one(cfg, run_dir: Path) -> dict:
+    """One run; its curve holds a point per evaluation: training rows so far, the target's accuracy, each
+    retention set's accuracy, pass@k on the target (where sampled) and wall seconds of training so far."""
     from actors.driver import Trainer
 
     trainer = Trainer(cfg, run_dir)
     try:
-        start = trainer.evaluate()  # the untrained model, so every curve starts at 0 rows
         summary = trainer.run()
     finally:
         trainer.close()
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    samples, wall, curve = 0, 0.0, [(0, start, 0.0)]
-    for r in records:
-        if r.get("final"):
-            curve.append((samples, r["eval_accuracy"], wall))
-            continue
-        samples += r["samples"] + r["expert_rows"]
-        wall += r["step_seconds"] + r.get("eval_seconds", 0.0)
+    samples, wall, curve = 0, 0.0, []
+    for r in map(json.loads, (run_dir / "metrics.jsonl").open()):
+        if not (r.get("initial") or r.get("final")):
+            samples += r["samples"] + r["expert_rows"]
+            wall += r["step_seconds"] + r.get("eval_seconds", 0.0)
         if "eval_accuracy" in r:
-            curve.append((samples, r["eval_accuracy"], wall))
-    reached = next(((i, s, w) for i, (s, acc, w) in enumerate(curve) if acc >= TARGET), None)
+            sets = {k.split("/")[1]: v for k, v in r.items() if k.startswith("eval/") and k.endswith("/accuracy")}
+            sets.pop("target", None)
+            passk = {k.split("/")[2]: v for k, v in r.items() if k.startswith("eval/target/pass@")}
+            curve.append({"rows": samples, "accuracy": r["eval_accuracy"], "retention": sets, "pass": passk,
+                          "wall": wall})
+    reached = next((p for p in curve if p["accuracy"] >= TARGET), None)
     return {"final": summary["final_eval_accuracy"], "curve": curve, "steps": cfg.train.steps,
-            "reach_samples": reached[1] if reached else None, "reach_wall": reached[2] if reached else None,
-            "reach_step": None if reached is None else round(reached[1] / max(1, curve[-1][0]) * cfg.train.steps),
+            "reach_samples": reached["rows"] if reached else None, "reach_wall": reached["wall"] if reached else None,
+            "reach_step": None if reached is None else round(reached["rows"] / max(1, curve[-1]["rows"])
+                                                             * cfg.train.steps),
             "wall": summary["wall_seconds"]}
+
+
+def _upgrade(run: dict) -> dict:
+    """A run saved before curves were records: (rows, accuracy, wall) triples."""
+    if run["curve"] and isinstance(run["curve"][0], list):
+        run["curve"] = [{"rows": s, "accuracy": a, "retention": {}, "pass": {}, "wall": w} for s, a, w in run["curve"]]
+    return run
 
 
 def _mean(xs: list) -> str:
@@ -106,30 +126,77 @@ def _mean(xs: list) -> str:
     return text if len(got) == len(xs) else f"{text} ({len(got)}/{len(xs)} seeds)"
 
 
-def write_report(results: dict, args, out: Path, machine: str) -> None:
-    lines = [
-        "# Algorithm comparison",
-        "",
-        f"Generated by `python bench/compare_algorithms.py --budget {args.budget} --seeds "
-        f"{' '.join(map(str, args.seeds))}` on {time.strftime('%Y-%m-%d')}, {machine}.",
-        f"Same budget for every run: {args.budget} training rows (on-policy samples + expert rows); "
-        f"seeds {args.seeds}; held-out greedy exact match. Means over seeds; ± is the standard deviation.",
-        "",
-    ]
-    for task in results:
-        lines += [f"## {task}", "", "| preset | steps | final accuracy | steps to 0.9 | samples to 0.9 | "
-                  "wall s to 0.9 | wall s total |", "|---|---|---|---|---|---|---|"]
-        for preset, runs in results[task].items():
-            finals = [r["final"] for r in runs]
-            sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
-            lines.append(f"| {preset} | {runs[0]['steps']} | {statistics.mean(finals):.3f} ± {sd:.3f} | "
-                         f"{_mean([r['reach_step'] for r in runs])} | {_mean([r['reach_samples'] for r in runs])} | "
-                         f"{_mean([r['reach_wall'] for r in runs])} | {_mean([r['wall'] for r in runs])} |")
+def _pm(xs: list[float]) -> str:
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.3f} ± {sd:.3f}"
+
+
+def _retention(point: dict) -> float | None:
+    values = list(point["retention"].values())
+    return sum(values) / len(values) if values else None
+
+
+def _base_table(task: dict) -> list[str]:
+    presets = task["presets"]
+    first = next(iter(presets.values()))[0]["curve"]
+    families = list(first[0]["retention"])
+    passk = sorted({k for runs in presets.values() for r in runs for k in r["curve"][-1]["pass"] if k != "pass@1"})
+    start = first[0]
+    lines = [f"The base before post-training (greedy, the same for every run): target accuracy "
+             f"{start['accuracy']:.3f}"
+             + "".join(f", {k} {start['pass'][k]:.3f}" for k in passk if k in start["pass"])
+             + f"; retention mean {_retention(start):.3f} ("
+             + ", ".join(f"{f} {start['retention'][f]:.3f}" for f in families) + ").", "",
+             "| preset | steps | target accuracy | " + "".join(f"{k} | " for k in passk)
+             + "retention mean | " + "".join(f"{f} | " for f in families) + "wall s |",
+             "|---|---|---|" + "---|" * (len(passk) + 1 + len(families)) + "---|"]
+    for preset, runs in presets.items():
+        ends = [r["curve"][-1] for r in runs]
+        cells = [preset, str(runs[0]["steps"]), _pm([e["accuracy"] for e in ends])]
+        cells += [_pm([e["pass"][k] for e in ends]) if all(k in e["pass"] for e in ends) else "-" for k in passk]
+        cells.append(_pm([_retention(e) for e in ends]))
+        cells += [_pm([e["retention"][f] for e in ends]) for f in families]
+        cells.append(f"{statistics.mean(r['wall'] for r in runs):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _scratch_table(task: dict) -> list[str]:
+    lines = ["| preset | steps | final accuracy | steps to 0.9 | samples to 0.9 | wall s to 0.9 | wall s total |",
+             "|---|---|---|---|---|---|---|"]
+    for preset, runs in task["presets"].items():
+        lines.append(f"| {preset} | {runs[0]['steps']} | {_pm([r['final'] for r in runs])} | "
+                     f"{_mean([r['reach_step'] for r in runs])} | {_mean([r['reach_samples'] for r in runs])} | "
+                     f"{_mean([r['reach_wall'] for r in runs])} | {_mean([r['wall'] for r in runs])} |")
+    return lines
+
+
+TITLES = {"base": "From the pretrained base: sorting letters that repeat, and what the base keeps",
+          "random-init": "From a random initialisation: string reversal",
+          "random-init-harder": "From a random initialisation: a harder reversal (8 letters, strings of 4-7)"}
+
+
+def write_report(results: dict, out: Path) -> None:
+    lines = ["# Algorithm comparison", "",
+             "Every preset at the same budget of training rows (on-policy samples + expert rows) and seeds; means "
+             "over seeds, ± the standard deviation; accuracy is greedy exact match on held-out rows.", ""]
+    for name in [t for t in TASKS if t in results]:
+        task = results[name]
+        lines += [f"## {TITLES[name]}", "",
+                  f"`{task['command']}` on {task['date']}, {task['machine']}: {task['budget']} rows per run, seeds "
+                  f"{task['seeds']}.", ""]
+        lines += _base_table(task) if name == "base" else _scratch_table(task)
         lines.append("")
-    lines += ["![accuracy against samples](algorithms.png)", ""]
+    lines += ["![accuracy against training rows](algorithms.png)", ""]
     notes = out.read_text().partition(NOTES)[2] if out.exists() else ""
     lines += [NOTES + notes.rstrip("\n") if notes.strip() else NOTES, ""]
     out.write_text("\n".join(lines))
+
+
+def _curve(runs: list[dict], key) -> tuple[list[int], list[float]]:
+    xs = [p["rows"] for p in runs[0]["curve"]]
+    ys = [statistics.mean(key(r["curve"][i]) for r in runs) for i in range(len(xs))]
+    return xs, ys
 
 
 def plot(results: dict, path: Path) -> None:
@@ -138,34 +205,58 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
-    for ax, (task, by_preset) in zip(axes[0], results.items()):
-        for preset, runs in by_preset.items():
-            xs = [s for s, _, _ in runs[0]["curve"]]
-            ys = [statistics.mean(r["curve"][i][1] for r in runs) for i in range(len(xs))]
+    panels = []  # (title, task, y of a curve point)
+    for name in [t for t in TASKS if t in results]:
+        if name == "base":
+            panels += [("base: target (sortrep: sorting letters that repeat)", name, lambda p: p["accuracy"]),
+                       ("base: retention (mean of the other skills)", name, _retention)]
+        else:
+            panels.append((name, name, lambda p: p["accuracy"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (title, name, key) in zip(axes[0], panels):
+        for preset, runs in results[name]["presets"].items():
+            xs, ys = _curve(runs, key)
             ax.plot(xs, ys, marker="o", markersize=3, label=preset)
-        ax.axhline(TARGET, color="grey", linewidth=0.8, linestyle="--")
-        ax.set_title(task)
+        if name != "base":
+            ax.axhline(TARGET, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("training rows (samples + expert rows)")
         ax.set_ylabel("held-out accuracy")
-        ax.set_ylim(-0.02, 1.02)
+        if "retention" not in title:  # retention moves by hundredths: its own scale
+            ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+def load_results(path: Path) -> dict:
+    """Saved results, by task; a file from before the base (one budget and seed list for all) is converted."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if "budget" in saved:  # the first layout: {"budget", "seeds", "tasks": {task: {preset: runs}}}
+        return {RENAMED.get(t, t): {
+            "budget": saved["budget"], "seeds": saved["seeds"], "date": "2026-11-22",
+            "machine": "2-core CPU, 24 GiB, no GPU",
+            "command": f"python bench/compare_algorithms.py --budget {saved['budget']} --seeds "
+                       f"{' '.join(map(str, saved['seeds']))}",
+            "presets": {p: [_upgrade(r) for r in runs] for p, runs in presets.items()}}
+            for t, presets in saved["tasks"].items()}
+    return saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=int, default=32000, help="training rows per run")
+    parser.add_argument("--budget", type=int, default=12800, help="training rows per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--evals", type=int, default=10, help="evaluations per run")
+    parser.add_argument("--tasks", nargs="+", default=["base"], choices=list(TASKS))
+    parser.add_argument("--evals", type=int, default=6, help="evaluations per run, after the one before training")
     parser.add_argument("--runs-dir", default="runs/compare")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "algorithms.md"))
     parser.add_argument("--machine", default="2-core CPU, 24 GiB, no GPU")
-    parser.add_argument("--from-results", metavar="RESULTS_JSON",
-                        help="rewrite the report and plot from a finished comparison's results.json, running nothing")
+    parser.add_argument("--from-results", action="store_true",
+                        help="rewrite the report and plot from the saved results (algorithms.json), running nothing")
     parser.add_argument("--resume", metavar="RESULTS_JSON",
                         help="go on with an interrupted comparison: keep its runs, do the missing ones")
     args = parser.parse_args()
@@ -174,43 +265,53 @@ def main() -> None:
     except ImportError:
         raise SystemExit('matplotlib is missing: .venv/bin/pip install -e ".[bench]"') from None
     out = Path(args.out)
+    store = out.with_suffix(".json")
+    saved = load_results(store)
     if args.from_results:
-        saved = json.loads(Path(args.from_results).read_text())
-        args.budget, args.seeds = saved["budget"], saved["seeds"]
-        write_report(saved["tasks"], args, out, args.machine)
-        plot(saved["tasks"], out.with_suffix(".png"))
+        write_report(saved, out)
+        plot(saved, out.with_suffix(".png"))
         print(f"wrote {out} and {out.with_suffix('.png')}")
         return
     import ray
 
     ray.init(include_dashboard=False, log_to_driver=False)  # one cluster for every run
-    results: dict = {}
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    results: dict = {}
     if args.resume:
-        saved = json.loads(Path(args.resume).read_text())
-        if (saved["budget"], saved["seeds"]) != (args.budget, args.seeds):
-            raise SystemExit(f"{args.resume} was run with --budget {saved['budget']} --seeds {saved['seeds']}")
-        results, stamp = saved["tasks"], Path(args.resume).parent.name
+        results = json.loads(Path(args.resume).read_text())
+        for task in results.values():
+            if (task["budget"], task["seeds"]) != (args.budget, args.seeds):
+                raise SystemExit(f"{args.resume} was run with --budget {task['budget']} --seeds {task['seeds']}")
+        stamp = Path(args.resume).parent.name
         args.runs_dir = str(Path(args.resume).parent.parent)
+    command = (f"python bench/compare_algorithms.py --tasks {' '.join(args.tasks)} --budget {args.budget} "
+               f"--seeds {' '.join(map(str, args.seeds))} --evals {args.evals}")
     try:
         for task in args.tasks:
+            entry = results.setdefault(task, {"budget": args.budget, "seeds": args.seeds, "machine": args.machine,
+                                              "command": command, "presets": {}})
             for preset in args.presets:
-                for seed in args.seeds[len(results.get(task, {}).get(preset, [])):]:  # runs go in seed order
+                for seed in args.seeds[len(entry["presets"].get(preset, [])):]:  # runs go in seed order
                     cfg = plan_run(preset, task, seed, args.budget, args.evals)
                     run_dir = Path(args.runs_dir) / stamp / f"{task}-{preset}-s{seed}"
                     shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted run left
                     run = run_one(cfg, run_dir)
-                    results.setdefault(task, {}).setdefault(preset, []).append(run)
-                    print(f"{task:10s} {preset:12s} seed {seed}: final {run['final']:.3f}, "
-                          f"reached {TARGET} at {run['reach_samples']} rows, {run['wall']:.0f}s", flush=True)
-                    saved = {"budget": args.budget, "seeds": args.seeds, "tasks": results}
-                    Path(args.runs_dir, stamp, "results.json").write_text(json.dumps(saved, indent=1))
+                    entry["presets"].setdefault(preset, []).append(run)
+                    end = run["curve"][-1]
+                    kept = _retention(end)
+                    print(f"{task:18s} {preset:12s} seed {seed}: target {run['curve'][0]['accuracy']:.3f} -> "
+                          f"{run['final']:.3f}" + (f", retention {kept:.3f}" if kept is not None else "")
+                          + f", {run['wall']:.0f}s", flush=True)
+                    entry["date"] = time.strftime("%Y-%m-%d")
+                    Path(args.runs_dir, stamp, "results.json").write_text(json.dumps(results, indent=1))
     finally:
         ray.shutdown()
+    saved.update(results)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_report(results, args, out, args.machine)
-    plot(results, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    store.write_text(json.dumps(saved, indent=1))
+    write_report(saved, out)
+    plot(saved, out.with_suffix(".png"))
+    print(f"wrote {out}, {store.name} and {out.with_suffix('.png').name}")
 
 
 if __name__ == "__main__":

@@ -37,15 +37,16 @@ def test_the_base_model_scores_what_its_card_says():
 
 
 def test_pass_at_k_on_the_target_and_a_table():
-    proc = _eval("models/base", "configs/pretrain_base.yaml", "train.eval_samples=4", "train.eval_max_rows=40")
+    # the quickstart's sets: the post-training target (sortrep), which the base does partly, then retention sets
+    proc = _eval("models/base", "configs/quickstart.yaml", "train.eval_samples=4", "train.eval_max_rows=40")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("set"))
     assert lines[head].split() == ["set", "accuracy", "pass@1", "pass@4", "tokens"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[head + 1:] if not line.startswith("(")}
-    assert list(rows) == ["target", "rev", "sort", "count", "upper", "add3"]
-    acc, p1, p4, _ = map(float, rows["target"])  # the target: add2, which the base does well
-    assert acc >= 0.9 and 0.0 <= p1 <= p4 <= 1.0 and p4 >= 0.9
+    assert list(rows) == ["target", "add2", "rev", "sort", "count", "upper"]
+    acc, p1, p4, _ = map(float, rows["target"])
+    assert 0.05 < acc < 0.6 and 0.0 < p1 < p4 < 1.0  # partly done: sampling 4 times finds more right answers
     assert rows["rev"][1] == "-"  # retention sets: greedy only
     assert lines[-1] == "(240 rows in " + lines[-1].split(" rows in ")[1]  # 6 sets x 40 rows
 

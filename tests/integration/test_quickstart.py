@@ -1,5 +1,6 @@
-"""The README's promise: `chorus train configs/quickstart.yaml` (what `make quickstart` runs) ends with a
-held-out accuracy of at least 0.9, printing a line per step and the final result."""
+"""The README's promise: `chorus train configs/quickstart.yaml` (what `make quickstart` runs) post-trains the shipped
+base model with CHORD and ends with a target accuracy above the base's, reporting retention; a line per step, the
+base's evaluation first and the final result last."""
 
 from __future__ import annotations
 
@@ -14,19 +15,33 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
+RETENTION = ("add2", "rev", "sort", "count", "upper")
 
 
-def test_quickstart_reaches_090_held_out_accuracy(tmp_path):
+def test_quickstart_beats_the_base_and_reports_retention(tmp_path):
     run_dir = tmp_path / "quickstart"
     proc = subprocess.run([sys.executable, "-m", "actors.cli", "train", "configs/quickstart.yaml", "--run-dir",
                            str(run_dir)], cwd=ROOT, capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["final_eval_accuracy"] >= 0.9, summary
-    step_lines = [ln for ln in proc.stdout.splitlines() if re.match(r"step +\d+ +reward", ln)]
-    assert len(step_lines) == 500
-    assert re.search(r"eval_acc \d\.\d{3}", proc.stdout)
+    base = json.loads((ROOT / "models/base/eval.json").read_text())["accuracy"]
+    # the run's own evaluation of the base agrees with the base's card (the same held-out rows, greedy)
+    assert summary["initial_eval_accuracy"] == base["sortrep"]
+    assert summary["final_eval_accuracy"] >= summary["initial_eval_accuracy"] + MARGIN, summary
+    final = summary["final_eval"]
+    assert set(final) == {"target", *RETENTION}
+    assert final["target"]["pass@8"] >= final["target"]["pass@1"]
+    for family in RETENTION:  # reported, and nothing the base knew is wiped out
+        assert final[family]["accuracy"] > 0.5 * base[family], (family, final[family], base[family])
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("chorus: run dir") and any(ln.startswith("before training: eval_acc") for ln in lines)
+    step_lines = [ln for ln in lines if re.match(r"step +\d+ +reward", ln)]
+    assert len(step_lines) == 100
+    assert re.search(r"eval_acc \d\.\d{3} \(pass@8 \d\.\d{3}\)  retention add2 \d\.\d\d rev", proc.stdout)
+    after = next(ln for ln in lines if ln.startswith("after training: "))  # the final evaluation, retention too
+    assert after.startswith(f"after training: eval_acc {summary['final_eval_accuracy']:.3f} (pass@8 ")
+    assert f"count {final['count']['accuracy']:.2f} upper" in after
     assert f"final eval accuracy {summary['final_eval_accuracy']:.3f}" in proc.stdout
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    evals = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
-    assert evals[0] < 0.5 <= evals[-1]  # it learned during the run, not before it
+
+
+MARGIN = 0.25  # measured 0.280 -> 0.810 (seed 0); see the README's benchmark table
