@@ -10,8 +10,10 @@ sorting letters that repeat, with retention sets of the base's other skills) and
 Every run trains on the same number of rows (on-policy samples + expert rows): a preset with 128 rows per step gets
 half the steps of one with 64. Schedules scale with the run: SFT-then-RL switches at 30% of its steps, the CHORD
 mu decay spans 60%, the learning rate decays over the whole run (SFT-then-RL: over its SFT phase, so that RL runs at
-the decayed rate). Each run evaluates its starting model and then ``--evals`` times: greedy exact match on the
-target's held-out set and on each retention set, and pass@k on the target where the preset samples for it.
+the decayed rate). Each run evaluates its starting model, every ``steps // --evals`` steps and after its last step
+(so ``--evals`` or ``--evals + 1`` times): greedy exact match on the target's held-out set and on each retention
+set, and pass@k on the target where the preset samples for it. ``--presets`` reruns some presets of a task and
+keeps the saved runs of the others.
 
 Writes docs/benchmarks/algorithms.md and algorithms.png (accuracy against training rows), and keeps every task's
 results in algorithms.json, so a run of some tasks rewrites the report with the others' saved results; what the
@@ -142,9 +144,10 @@ def _base_table(task: dict) -> list[str]:
     families = list(first[0]["retention"])
     passk = sorted({k for runs in presets.values() for r in runs for k in r["curve"][-1]["pass"] if k != "pass@1"})
     start = first[0]
-    lines = [f"The base before post-training (greedy, the same for every run): target accuracy "
-             f"{start['accuracy']:.3f}"
-             + "".join(f", {k} {start['pass'][k]:.3f}" for k in passk if k in start["pass"])
+    starts = [r["curve"][0] for runs in presets.values() for r in runs]
+    lines = [f"The base before post-training: target accuracy {start['accuracy']:.3f} (greedy, the same for every run)"
+             + "".join(f", {k} {_pm([p['pass'][k] for p in starts])} (sampled with each run's seed)"
+                       for k in passk if all(k in p["pass"] for p in starts))
              + f"; retention mean {_retention(start):.3f} ("
              + ", ".join(f"{f} {start['retention'][f]:.3f}" for f in families) + ").", "",
              "| preset | steps | target accuracy | " + "".join(f"{k} | " for k in passk)
@@ -238,8 +241,8 @@ def load_results(path: Path) -> dict:
         return {RENAMED.get(t, t): {
             "budget": saved["budget"], "seeds": saved["seeds"], "date": "2026-11-22",
             "machine": "2-core CPU, 24 GiB, no GPU",
-            "command": f"python bench/compare_algorithms.py --budget {saved['budget']} --seeds "
-                       f"{' '.join(map(str, saved['seeds']))}",
+            "command": f"python bench/compare_algorithms.py --tasks {RENAMED.get(t, t)} --budget {saved['budget']} "
+                       f"--seeds {' '.join(map(str, saved['seeds']))}",
             "presets": {p: [_upgrade(r) for r in runs] for p, runs in presets.items()}}
             for t, presets in saved["tasks"].items()}
     return saved
@@ -251,7 +254,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
     parser.add_argument("--tasks", nargs="+", default=["base"], choices=list(TASKS))
-    parser.add_argument("--evals", type=int, default=6, help="evaluations per run, after the one before training")
+    parser.add_argument("--evals", type=int, default=6, help="evaluate every steps // EVALS steps (and at the start and the end)")
     parser.add_argument("--runs-dir", default="runs/compare")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "algorithms.md"))
     parser.add_argument("--machine", default="2-core CPU, 24 GiB, no GPU")
@@ -306,7 +309,9 @@ def main() -> None:
                     Path(args.runs_dir, stamp, "results.json").write_text(json.dumps(results, indent=1))
     finally:
         ray.shutdown()
-    saved.update(results)
+    for task, entry in results.items():  # a run of some presets replaces those presets' runs, keeps the others'
+        kept = saved.get(task, {}).get("presets", {})
+        saved[task] = {**entry, "presets": {**kept, **entry["presets"]}}
     out.parent.mkdir(parents=True, exist_ok=True)
     store.write_text(json.dumps(saved, indent=1))
     write_report(saved, out)

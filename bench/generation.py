@@ -1,9 +1,9 @@
-"""vLLM vs transformers-generate throughput on the quickstart model, through chorus's own backends.
+"""vLLM vs transformers-generate throughput on the 1.4M from-scratch model, through chorus's own backends.
 
     .venv/bin/python bench/generation.py [--reps 5]
 
 Prints one row per (backend, shape): prompts x samples, new tokens, seconds per call, samples/s, tokens/s.
-Sampling at temperature 1 with 8 new tokens at most, as the quickstart does.
+Sampling at temperature 1 with 8 new tokens at most, as the from-scratch quickstart does.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the quickstart's actors use 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the from-scratch quickstart's actors use 1)")
     args = parser.parse_args()
 
     import torch
@@ -40,7 +40,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(path)
     rows = make_synthetic("reverse", 0, "abcdef", 3, 5, 512, 0, 10)["prompts"]
-    shapes = [(8, 8), (64, 8)]  # (prompts, samples each): the quickstart step, and a bigger batch
+    shapes = [(8, 8), (64, 8)]  # (prompts, samples each): a from-scratch quickstart step, and more
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}")
     print(f"{'backend':8} {'shape':>8} {'tokens':>7} {'s/call':>8} {'samples/s':>10} {'tokens/s':>9}")
     for name, cls in (("hf", HFBackend), ("vllm", VLLMBackend)):

@@ -63,7 +63,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+")
-    parser.add_argument("--family", default="sort")
+    parser.add_argument("--family", default="sort", choices=["sort", "rev", "upper", "sortrep"])  # letter tasks
     parser.add_argument("--base", default=str(ROOT / "models" / "base"))
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -85,12 +85,12 @@ Built at commit {info['commit']} in {seconds // 60} min {seconds % 60} s on {inf
 Greedy exact-match accuracy on each family's {tasks['num_eval']} held-out rows (`rollout/tasks.py`; no run with
 seed {tasks['seed']} trains on them):
 
-| family | prompt | task | share of the corpus | accuracy |
+| family | prompt | task | share of the mixture | accuracy |
 |---|---|---|---|---|
 {rows}
 
 The prompt is the text before the answer; the model writes the answer and its end token. A family with no share of
-the corpus is a post-training target: what the base does without having been taught it.
+the mixture is a post-training target: what the base does without having been taught it.
 """)
     return info
 

@@ -1,4 +1,4 @@
-"""Data sets: JSONL / Parquet rows with documented fields, a shuffling cursor, and the synthetic quickstart task.
+"""Data sets: JSONL / Parquet rows with documented fields, a shuffling cursor, and the synthetic from-scratch tasks.
 
 Fields:
 - prompt set and held-out set: ``prompt`` (str, the exact text the model continues), ``answer`` (str, the
@@ -142,7 +142,7 @@ class Cursor:
         return out
 
 
-# --- the synthetic quickstart task -----------------------------------------------------------------------------
+# --- synthetic tasks, from scratch -----------------------------------------------------------------------------
 # A prompt is "<string>=" and the answer the string reversed (or sorted): short, verifiable, and learnable by a
 # 1.4M-parameter model in minutes on a CPU. The tokenizer is character level, so one character is one token.
 # A task maps the string to its row fields: ``answer`` (the expert's response and the held-out reference) and any

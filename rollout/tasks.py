@@ -9,7 +9,8 @@ of ``rollout/tiny.py`` makes one character one token.
 ``family``), expert rows (``prompt``, ``response``, ``family``) and one held-out set per evaluated family. The
 held-out instances of a family depend only on the family and ``seed``, and no training row of any run with that
 seed is one of them: the base model was pretrained around the same held-out sets that post-training evaluates on,
-so retention is measured on rows the model never trained on.
+so retention is measured on rows the model never trained on (the shipped base predates ``sortrep``, whose held-out
+rows its corpus did not avoid: 2 of the 200 are in it, as ``sort`` rows; models/base/README.md).
 """
 
 from __future__ import annotations
@@ -57,15 +58,16 @@ def add2(rng: random.Random) -> Instance:
 
 
 def add3(rng: random.Random) -> Instance:
-    """Add two three-digit numbers: ``347+285=`` -> ``632``. The post-training target: rare in the base's corpus,
-    so the base does it partly."""
+    """Add two three-digit numbers: ``347+285=`` -> ``632``. Rare in the base's corpus (4.3%), and done by it at
+    0.025: too seldom right for a sampled reward to raise (README, Data)."""
     a, b = rng.randrange(100, 1000), rng.randrange(100, 1000)
     return f"{a}+{b}=", str(a + b)
 
 
 def sortrep(rng: random.Random) -> Instance:
-    """Sort 4-7 letters of a-e, so letters repeat: ``sort daabbb=`` -> ``aabbbd``. A post-training target: the
-    base learnt to sort letters of the whole alphabet, which seldom repeat, and keeps count of repeats only partly."""
+    """Sort 4-7 letters of a-e, so letters repeat: ``sort daabbb=`` -> ``aabbbd``. The post-training target: the
+    base learnt to sort letters of the whole alphabet, where a third of the strings repeat a letter (mostly one
+    pair), and keeps count of repeats only partly."""
     s = _letters(rng, "abcde", 4, 7)
     return f"sort {s}=", "".join(sorted(s))
 

@@ -1,6 +1,6 @@
 """`chorus eval MODEL_DIR CONFIG`, as a user runs it: the shipped base model on its own pretraining config's held-out
-sets reproduces the accuracies its card (models/base/eval.json) reports, gives pass@k on the target from samples,
-and a bad model directory is a clear error."""
+sets reproduces the accuracies its card (models/base/eval.json) reports; on the quickstart's sets it gives pass@k on
+the target from samples; a bad model directory is a clear error."""
 
 from __future__ import annotations
 

@@ -30,11 +30,14 @@ def test_quickstart_beats_the_base_and_reports_retention(tmp_path):
     assert summary["final_eval_accuracy"] >= summary["initial_eval_accuracy"] + MARGIN, summary
     final = summary["final_eval"]
     assert set(final) == {"target", *RETENTION}
-    assert final["target"]["pass@8"] >= final["target"]["pass@1"]
-    for family in RETENTION:  # reported, and nothing the base knew is wiped out
-        assert final[family]["accuracy"] > 0.5 * base[family], (family, final[family], base[family])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    assert records[0]["initial"] and final["target"]["pass@8"] > records[0]["eval/target/pass@8"]
+    for family in RETENTION:  # reported, and what the base knew mostly kept (measured: sort 0.92 -> 0.74, 0.81x)
+        assert final[family]["accuracy"] >= 0.7 * base[family], (family, final[family], base[family])
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("chorus: run dir") and any(ln.startswith("before training: eval_acc") for ln in lines)
+    # Ray may print actor output first (log_to_driver): the run's lines in their order
+    ours = [ln for ln in lines if ln.startswith(("chorus: run dir", "before training: eval_acc", "after training: "))]
+    assert [ln.split(":")[0] for ln in ours] == ["chorus", "before training", "after training"], ours
     step_lines = [ln for ln in lines if re.match(r"step +\d+ +reward", ln)]
     assert len(step_lines) == 100
     assert re.search(r"eval_acc \d\.\d{3} \(pass@8 \d\.\d{3}\)  retention add2 \d\.\d\d rev", proc.stdout)

@@ -11,7 +11,7 @@ import yaml
 
 from actors.config import ChorusConfig, ConfigError, load_config, to_yaml
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
 
 # The smallest config that validates: a model and a data source.
 BASE_DICT = {"model": {"build": "configs/models/tiny_llama.json"}, "data": {"synthetic": {"task": "reverse"}}}

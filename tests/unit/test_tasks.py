@@ -63,6 +63,15 @@ def test_held_out_rows_are_never_trained_on_and_fixed_by_the_seed():
                           num_eval=100)["eval/add3"] != sets["eval/add3"]
 
 
+def test_a_family_sharing_a_prompt_form_trains_around_the_others_held_out_rows():
+    # sort draws strings of a-z, so some are sortrep instances: none of them may be sortrep's held-out rows
+    sets = make_task_sets({"sort": 1}, ["sortrep"], seed=0, num_prompts=20000, num_expert=20000, num_eval=200)
+    pool = {p for p, _ in held_out("sortrep", 0, held_out_size(200))}
+    trained = [r["prompt"] for r in sets["prompts"] + sets["expert"]]
+    like = [p for p in trained if set(p[5:-1]) <= set("abcde") and 4 <= len(p[5:-1]) <= 7]
+    assert like and not pool & set(trained)  # there are sortrep-like rows, and none is held out
+
+
 def test_mixture_shares_and_fields():
     sets = make_task_sets({"rev": 3, "add2": 1}, ["rev"], seed=0, num_prompts=4000, num_expert=10, num_eval=10)
     share = sum(r["family"] == "rev" for r in sets["prompts"]) / 4000
