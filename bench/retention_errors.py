@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/retention_errors.py MODEL_DIR [MODEL_DIR ...] [--family sort] [--base models/base]
 
-Greedy generation (transformers, the engines' decoding) on the family's held-out rows (seed 0, 200 rows, the ones
+Greedy generation (the engines' transformers backend) on the family's held-out rows (seed 0, 200 rows, the ones
 the presets evaluate on). For each model: accuracy, and of the wrong answers how many have the input's letters in
 another order, another length, or other letters; and of the letters a wrong answer holds beyond the input's, how
 many are a-e, the alphabet of the post-training target (sortrep). The comparison in docs/benchmarks/algorithms.md
@@ -20,23 +20,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@torch.no_grad()
 def greedy(model_dir: str, prompts: list[str], max_new_tokens: int = 10) -> list[str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The answers of the engines' HF backend, as a run's evaluation gets them (float32, one batch, greedy)."""
+    from rollout.engine import HFBackend
+    from rollout.types import SamplingSpec
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    by_length = collections.defaultdict(list)  # prompts of one length batch without padding
-    for i, p in enumerate(prompts):
-        by_length[len(tok(p).input_ids)].append(i)
-    out = [""] * len(prompts)
-    for idx in by_length.values():
-        ids = torch.tensor([tok(prompts[i]).input_ids for i in idx])
-        gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id,
-                             eos_token_id=tok.eos_token_id)
-        for j, i in enumerate(idx):
-            out[i] = tok.decode(gen[j, ids.shape[1]:], skip_special_tokens=True).strip()
-    return out
+    engine = HFBackend(model_dir, dtype="float32", seed=0)
+    ids = [engine.tokenizer(p).input_ids for p in prompts]
+    return [c.text.strip() for c in engine.generate(ids, SamplingSpec(max_new_tokens=max_new_tokens, temperature=0))]
 
 
 def classify(rows: list[dict], answers: list[str]) -> dict:
