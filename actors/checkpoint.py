@@ -24,17 +24,12 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
-import msgpack
-import torch
 import yaml
 from omegaconf import OmegaConf
 
 from actors.config import ChorusConfig, ConfigError
-from actors.scheduler import StepPlan
-from rollout.types import Completion, Scored
 
 NAME = re.compile(r"step-(\d{8})")
 log = logging.getLogger("chorus")
@@ -223,20 +218,3 @@ def prune(root: Path, keep: int, *, current: Path) -> None:
 
 
 # --- rollouts of steps not trained yet (async mode) ----------------------------------------------------------
-
-def pack_rollouts(items: list) -> bytes:
-    """:class:`actors.driver.Rollouts` as msgpack (model output: never pickle)."""
-    return msgpack.packb([
-        {"plan": asdict(r.plan), "rows": [[p, asdict(c)] for p, c in r.rows], "rewards": r.rewards.tolist(),
-         "scored": [asdict(s) for s in r.scored], "version": r.version, "phase": r.phase, "dropped": r.dropped}
-        for r in items], use_bin_type=True)
-
-
-def unpack_rollouts(data: bytes) -> list:
-    from actors.driver import Rollouts
-
-    return [Rollouts(plan=StepPlan(**d["plan"]), rows=[(p, Completion(**c)) for p, c in d["rows"]],
-                     rewards=torch.tensor(d["rewards"], dtype=torch.float32),
-                     scored=[Scored(**s) for s in d["scored"]], version=d["version"], phase=d["phase"],
-                     dropped=d["dropped"])
-            for d in msgpack.unpackb(data, raw=False)]

@@ -16,7 +16,9 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from learners.losses import KL_ESTIMATORS, LOSS_AGGS
+from learners.advantages import ADVANTAGES, AdvantageSpec
+from learners.losses import AGGREGATIONS, IS_CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES, SFT_WEIGHTS, LossSpec
+from learners.schedules import MU_SCHEDULES
 from actors.evaluation import TARGET
 from rollout.data import TASKS, distinct_strings
 from rollout.tasks import FAMILIES
@@ -81,11 +83,13 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     backend: str = "vllm"  # vllm | hf (transformers generate; faster for tiny models on CPU)
+    dtype: str = ""  # the engines' precision: "" = model.dtype; bfloat16 engines with a float32 learner are faster
+    #                  and differ from it (the mismatch algo.recompute_logprobs measures and is_correction corrects)
     num_actors: int = 1
     n: int = 8  # samples per prompt (the GRPO group size)
     max_new_tokens: int = 16
-    temperature: float = 1.0  # must be 1.0 for now: the PPO ratio uses logprobs of the raw distribution
-    top_p: float = 1.0  # must be 1.0 for now, likewise
+    temperature: float = 1.0  # > 0; the learner computes every log-probability on the same distribution
+    top_p: float = 1.0  # nucleus sampling, in (0, 1]; likewise
     max_model_len: int = 256
     tensor_parallel_size: int = 1  # vLLM tensor parallelism inside one actor (GPUs per actor)
     num_cpus: float = 0.5  # CPUs reserved per actor (placement bundle)
@@ -154,22 +158,43 @@ class AlgoConfig:
     expert_ratio: float = 0.2  # share of a step's rows drawn from the expert set
     mu_peak: float = 0.5
     mu_valley: float = 0.02
+    mu_schedule: str = "cosine"  # how mu decays from mu_peak to mu_valley: cosine | linear (learners/schedules.py)
     mu_warmup_steps: int = 0  # linear warmup 0 -> mu_peak
     mu_hold_steps: int = 0  # then mu_peak held this long (SFT-then-RL: hold with mu_peak 1, mu_valley 0)
-    mu_decay_steps: int = 0  # then cosine decay to mu_valley (0 = a step)
-    phi: bool = False  # weight SFT tokens by p(1-p)
-    advantage: str = "grpo"  # grpo (group-normalised, no critic) | gae (PPO with a critic: see `critic`)
+    mu_decay_steps: int = 0  # then decay to mu_valley (0 = a step)
+    sft_weight: str = "nll"  # per-token weight of the expert NLL: nll (1) | phi (p(1-p), CHORD-phi)
+    advantage: str = "grpo"  # grpo (group-normalised) | rloo (leave-one-out baseline) | gae (PPO with a critic: see
+    #                          `critic`)  (learners/advantages.py)
     adv_std_normalize: bool = True  # grpo: divide by the group's std; False = Dr. GRPO
     gamma: float = 1.0  # gae: discount
     lam: float = 0.95  # gae: lambda
     whiten_rewards: bool = False  # gae: normalise the step's rewards to mean 0, std 1 before GAE
     whiten_advantages: bool = True  # gae: normalise advantages over the step's tokens
     value_clip: Optional[float] = 0.2  # gae: clip the critic's update around its old values (null = off)
-    clip_eps: float = 0.2
+    policy_loss: str = "ppo"  # ppo (token-level ratio) | gspo (sequence-level ratio, GSPO)  (learners/losses.py)
+    clip_eps: float = 0.2  # ratio clipped to [1 - clip_eps, 1 + clip_eps_high]
+    clip_eps_high: Optional[float] = None  # null = clip_eps; larger = DAPO's clip-higher (e.g. 0.28)
     dual_clip: Optional[float] = None  # e.g. 3.0
-    loss_agg: str = "token-mean"  # RL term: token-mean | seq-mean-token-mean | seq-mean-token-sum
-    kl_coef: float = 0.0  # KL(policy || frozen reference) penalty in the RL loss; 0 = no reference model
-    kl_estimator: str = "k3"  # k1 | k3
+    loss_agg: str = "token-mean"  # RL term: token-mean | seq-mean-token-mean | seq-mean-token-sum |
+    #                               seq-mean-token-sum-norm (Dr. GRPO: divided by loss_agg_norm tokens per sequence)
+    loss_agg_norm: Optional[float] = None  # seq-mean-token-sum-norm's constant; null = rollout.max_new_tokens
+    kl_coef: float = 0.0  # KL(policy || frozen reference) penalty; 0 = no reference model
+    kl_estimator: str = "k3"  # k1 | k2 | k3: as a loss term k2 follows KL(policy || ref), k3 KL(ref || policy), and
+    #                           k1 has zero expected gradient (reward only)
+    kl_penalty: str = "loss"  # where the penalty goes: loss (a term of the RL loss) | reward (subtracted per token
+    #                           from the reward, before the advantages)
+    recompute_logprobs: bool = False  # the learner recomputes the rollouts' log-probabilities before training (the
+    #                                   proximal policy); the engine's become the behaviour policy of is_correction
+    is_correction: str = "none"  # engine/learner mismatch: none | token-truncate (TIS) | token-mask | seq-truncate |
+    #                              seq-mask; needs recompute_logprobs
+    is_cap: float = 2.0  # C: importance ratios above C are truncated to C (or, masked: outside [1/C, C] dropped)
+    dynamic_sampling: bool = False  # DAPO: groups whose rewards are all equal (no GRPO signal) leave the step and
+    #                                 more prompts are sampled to keep prompts_per_step groups
+    max_sample_rounds: int = 3  # dynamic_sampling: generation rounds per step at most (the first included); still
+    #                             short, the step trains on the groups it has (logged)
+    overlong_filter: bool = False  # DAPO: responses cut off at rollout.max_new_tokens leave the loss
+    overlong_buffer: int = 0  # DAPO's soft overlong penalty over the last N tokens of rollout.max_new_tokens (0 = off)
+    overlong_penalty: float = 1.0  # its size at the budget (the reward falls linearly to -overlong_penalty)
     epochs: int = 1  # optimiser passes over each step's rows
     mini_batches: int = 1  # optimiser steps per pass (rows shuffled each pass)
 
@@ -220,14 +245,20 @@ class ChorusConfig:
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "rollout.dtype": ("", "float32", "bfloat16", "float16"),
     "rollout.backend": tuple(BACKENDS),
     "learner.backend": ("", "gloo", "nccl"),
     "critic.backend": ("", "gloo", "nccl"),
-    "algo.advantage": ("grpo", "gae"),
+    "algo.advantage": ADVANTAGES.names(),
+    "algo.policy_loss": POLICY_LOSSES.names(),
+    "algo.sft_weight": SFT_WEIGHTS.names(),
+    "algo.mu_schedule": MU_SCHEDULES.names(),
+    "algo.is_correction": IS_CORRECTIONS.names(),
+    "algo.kl_penalty": ("loss", "reward"),
     "reward.on_failure": ("fallback", "drop_group"),
     "data.on_bad_row": ("stop", "skip"),
-    "algo.loss_agg": LOSS_AGGS,
-    "algo.kl_estimator": KL_ESTIMATORS,
+    "algo.loss_agg": AGGREGATIONS.names(),
+    "algo.kl_estimator": KL_ESTIMATORS.names(),
     "data.synthetic.task": tuple(TASKS),
 }
 
@@ -260,6 +291,10 @@ def _check_lists(source: str, layer: DictConfig) -> None:
                 raise _error(source, exc) from None
 
 
+# Keys that were renamed: the error says what replaces them.
+_RENAMED = {"algo.phi": "algo.sft_weight (phi: true is sft_weight: phi; false is sft_weight: nll)"}
+
+
 def _merge(cfg: DictConfig, layer, source: str) -> DictConfig:
     if not isinstance(layer, DictConfig):
         raise ConfigError(f"{source}: a config must be a mapping of sections (ray, model, data, ...)")
@@ -267,6 +302,8 @@ def _merge(cfg: DictConfig, layer, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, layer)
     except OmegaConfBaseException as exc:
+        if (new := _RENAMED.get(getattr(exc, "full_key", None) or "")):
+            raise ConfigError(f"{source}: config key '{exc.full_key}' was renamed: use {new}") from None
         raise _error(source, exc) from None
 
 
@@ -337,6 +374,7 @@ _RULES = [
         "rollout.max_model_len", "rollout.kv_cache_gib",
         "reward.num_actors", "learner.num_actors", "learner.micro_batch_size", "algo.prompts_per_step",
         "critic.num_actors", "critic.micro_batch_size", "reference.num_actors", "algo.epochs", "algo.mini_batches",
+        "algo.max_sample_rounds",
         "train.steps", "checkpoint.keep", *(f"{k}.num_threads" for k in _ACTORS),
         "data.synthetic.min_len", "data.synthetic.num_prompts", "data.synthetic.num_eval",
         "data.tasks.num_prompts", "data.tasks.num_eval")),
@@ -346,7 +384,7 @@ _RULES = [
         "train.eval_every", "train.eval_max_rows", "train.max_staleness",
         "rollout.deadline_s", "reward.deadline_s", "learner.deadline_s", "critic.deadline_s",
         "train.max_learner_failures", "checkpoint.every", "checkpoint.grace_s", "data.synthetic.num_expert",
-        "data.tasks.num_expert", "train.eval_samples",
+        "data.tasks.num_expert", "train.eval_samples", "algo.overlong_buffer", "algo.overlong_penalty",
         *(f"{k}.weight_decay" for k in _LEARNERS))),
     *((k, lambda v: 0.0 <= v <= 1.0, "in [0, 1]") for k in (
         "algo.mu_peak", "algo.mu_valley", "learner.min_lr_ratio", "critic.min_lr_ratio", "algo.gamma",
@@ -362,7 +400,10 @@ _RULES = [
     ("reward.timeout_s", lambda v: v > 0, "> 0 (seconds one reward function may take on one batch)"),
     ("metrics.port", lambda v: 0 <= v <= 65535, "in [0, 65535] (0 = any free port)"),
     ("algo.expert_ratio", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    ("algo.clip_eps", lambda v: v > 0, "> 0"),
+    ("algo.clip_eps", lambda v: 0 < v < 1, "in (0, 1) (the ratio's lower bound 1 - clip_eps must be > 0)"),
+    ("algo.clip_eps_high", lambda v: v is None or v > 0, "> 0 (or null: clip_eps)"),
+    ("algo.loss_agg_norm", lambda v: v is None or v > 0, "> 0 (or null: rollout.max_new_tokens)"),
+    ("algo.is_cap", lambda v: v > 1.0, "> 1 (importance ratios above it are truncated or masked)"),
     ("checkpoint.grace_s", lambda v: v > 0, "> 0 (seconds to write the checkpoint after SIGTERM)"),
     ("algo.dual_clip", lambda v: v is None or v > 1.0, "> 1 (or null)"),
     ("algo.value_clip", lambda v: v is None or v > 0, "> 0 (or null)"),
@@ -371,10 +412,8 @@ _RULES = [
     *((f"{k}.lr", lambda v: v > 0, "> 0") for k in _LEARNERS),
     *((f"{k}.betas", _betas, "two numbers in [0, 1) (AdamW's beta1, beta2)") for k in _LEARNERS),
     *((f"{k}.grad_clip", lambda v: v >= 0, ">= 0 (the gradient norm's limit; 0 = no clipping)") for k in _LEARNERS),
-    # The engines return log-probabilities of the raw distribution (temperature 1, no top-p), which is what the
-    # learner recomputes: sampling from another distribution would make the PPO ratio wrong.
-    ("rollout.temperature", lambda v: v == 1.0, "1.0 (training rollouts sample the raw policy)"),
-    ("rollout.top_p", lambda v: v == 1.0, "1.0 (training rollouts sample the raw policy)"),
+    ("rollout.temperature", lambda v: v > 0, "> 0 (training samples; greedy decoding would repeat one response)"),
+    ("rollout.top_p", lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
 ]
 
 
@@ -426,6 +465,46 @@ def _check_tasks(cfg: ChorusConfig) -> None:
         raise ConfigError("config key 'data.tasks.num_expert': algo.expert_ratio > 0 needs expert rows, got 0")
 
 
+def _check_algo(cfg: ChorusConfig) -> None:
+    a = cfg.algo
+    if a.kl_coef > 0 and a.kl_penalty == "loss" and a.kl_estimator == "k1":
+        raise ConfigError("config key 'algo.kl_estimator': k1 as a loss term has zero expected gradient, so it "
+                          "regularises nothing; use k2 (gradient of KL(policy || reference)) or k3 (gradient of "
+                          "KL(reference || policy)), or put k1 in the reward with algo.kl_penalty: reward")
+    if a.is_correction != "none" and not a.recompute_logprobs:
+        raise ConfigError(f"config key 'algo.is_correction': {a.is_correction} weighs the learner's log-probabilities "
+                          f"against the engine's; set algo.recompute_logprobs: true so the learner computes them")
+    if a.advantage == "rloo" and cfg.rollout.n < 2:
+        raise ConfigError("config key 'rollout.n': rloo's baseline is the other samples of the prompt; needs n >= 2")
+    if a.overlong_buffer >= cfg.rollout.max_new_tokens:
+        raise ConfigError(f"config key 'algo.overlong_buffer': must be < rollout.max_new_tokens "
+                          f"({cfg.rollout.max_new_tokens}): the penalty spans the last tokens of the budget, got "
+                          f"{a.overlong_buffer}")
+    if a.dynamic_sampling and cfg.rollout.n < 2:
+        raise ConfigError("config key 'algo.dynamic_sampling': a group of one sample has no reward spread; needs "
+                          "rollout.n >= 2")
+    if a.clip_eps_high is not None and a.clip_eps_high < a.clip_eps:
+        raise ConfigError(f"config key 'algo.clip_eps_high': must be >= algo.clip_eps ({a.clip_eps}), got "
+                          f"{a.clip_eps_high} (clip-higher widens the upper side only)")
+
+
+def loss_spec(cfg: ChorusConfig) -> LossSpec:
+    """The learner's loss, chosen once from the config."""
+    a = cfg.algo
+    return LossSpec(
+        policy_loss=a.policy_loss, clip_low=a.clip_eps,
+        clip_high=a.clip_eps if a.clip_eps_high is None else a.clip_eps_high, dual_clip=a.dual_clip,
+        agg=a.loss_agg, agg_norm=float(a.loss_agg_norm or cfg.rollout.max_new_tokens), sft_weight=a.sft_weight,
+        kl_estimator=a.kl_estimator, kl_coef=a.kl_coef if a.kl_penalty == "loss" else 0.0,
+        is_correction=a.is_correction, is_cap=a.is_cap, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+
+
+def advantage_spec(cfg: ChorusConfig) -> AdvantageSpec:
+    a = cfg.algo
+    return AdvantageSpec(group_size=cfg.rollout.n, std_normalize=a.adv_std_normalize, gamma=a.gamma, lam=a.lam,
+                         whiten_rewards=a.whiten_rewards, whiten_advantages=a.whiten_advantages)
+
+
 def validate(cfg: ChorusConfig) -> None:
     """Checks the schema's types cannot express; each message names the key."""
     for key, value in _floats(cfg):
@@ -466,6 +545,7 @@ def validate(cfg: ChorusConfig) -> None:
                           "data.synthetic)")
     if cfg.algo.expert_ratio > 0 and not generated and not cfg.data.expert:
         raise ConfigError("config key 'data.expert': algo.expert_ratio > 0 needs an expert data file")
+    _check_algo(cfg)
     if cfg.algo.expert_ratio == 0 and max(cfg.algo.mu_peak, cfg.algo.mu_valley) > 0:
         raise ConfigError("config key 'algo.expert_ratio': mu > 0 weights an SFT term, but expert_ratio 0 gives "
                           "it no rows (set mu_peak = mu_valley = 0 for pure RL)")

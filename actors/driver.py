@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -31,13 +31,15 @@ import torch
 
 from actors import checkpoint as ckpt
 from actors import datasets, pools
-from actors.config import ChorusConfig, ConfigError, to_yaml
+from actors.config import ChorusConfig, ConfigError, advantage_spec, to_yaml
 from actors.evaluation import Evaluator, EvalSet, flatten, nest
 from actors.group import GroupFailed, Interrupted
 from actors.metrics import STEP_PHASES, JsonlLog, Metrics
-from actors.scheduler import Scheduler, StepPlan, drop_failed_groups
-from learners.advantages import final_token_rewards, gae, grpo_advantages, whiten
-from learners.batch import TrainBatch, even_split, split_for_ranks
+from actors.records import Rollouts, StepPlan, pack_rollouts, unpack_rollouts
+from actors.scheduler import Scheduler, drop_failed_groups, uniform_groups
+from learners.advantages import ADVANTAGES, needs_critic, overlong_penalty
+from learners.batch import OPTIONAL, TrainBatch, even_split, split_for_ranks
+from learners.losses import KL_ESTIMATORS, ref_log_ratio
 from rewards.registry import check_args, isolation
 from rollout.engine import weights_file
 from rollout.tiny import ensure_model
@@ -74,17 +76,11 @@ def generate(rollouts, prompts: list[list[int]], spec: SamplingSpec, on_pending=
     return completions
 
 
-@dataclass
-class Rollouts:
-    """One step's on-policy rows, scored: what the engines hand the learners."""
-
-    plan: StepPlan
-    rows: list[tuple[list[int], Completion]]  # (prompt ids, completion), prompt-major, rollout.n per prompt
-    rewards: torch.Tensor  # [len(rows)] weighted totals
-    scored: list[Scored]
-    version: int  # the policy version (optimiser steps taken) that generated them
-    phase: dict[str, float]  # generate / reward seconds
-    dropped: list[int] = field(default_factory=list)  # prompt-set rows whose group a failed reward dropped
+# What a step's record takes from the learners' metrics (None where a step has none of them: no on-policy rows, no
+# reference, no critic, no recomputed log-probabilities).
+STEP_METRICS = ("loss", "rl_loss", "sft_loss", "kl", "entropy", "clip_frac", "dual_clip_frac", "grad_norm", "lr",
+                "ref_kl", "value_loss", "value_zero_loss", "value_clip_frac", "mismatch_kl", "is_ratio", "is_weight",
+                "is_ratio_outside", "is_seq_outside")
 
 
 class Stopped(Exception):
@@ -130,6 +126,7 @@ class Trainer:
                 raise ConfigError(f"data: the data sets now have {sizes} rows, {found[1]['data']} when checkpoint "
                                   f"{found[0]} was written; its cursors index those rows: resume with the same files")
         self.scheduler = Scheduler(cfg.algo, cfg.rollout.n, len(self.prompts), len(self.expert), cfg.train.seed)
+        self.advantage_spec = advantage_spec(cfg)
         self.stopping = threading.Event()  # set by request_stop (SIGTERM): finish or abandon the step, checkpoint
         self.grace_timer: threading.Timer | None = None
         self.learner_failures = 0
@@ -349,7 +346,7 @@ class Trainer:
         if self.critic is not None:
             self.critic.all(lambda a: a.save_checkpoint.remote(str(tmp / "critic")))
         if ready:
-            (tmp / "rollouts.msgpack").write_bytes(ckpt.pack_rollouts(ready))
+            (tmp / "rollouts.msgpack").write_bytes(pack_rollouts(ready))
         (tmp / "config.yaml").write_text(to_yaml(self.cfg))
         state = {"step": steps_done, "version": self.version, "plan_from": plan_from, "scheduler": scheduler,
                  "data": self._data_sizes(),
@@ -372,7 +369,7 @@ class Trainer:
         self.version, self.planned, self.plan_states = state["version"], state["plan_from"], {}
         rollouts = path / "rollouts.msgpack"
         self.pending = deque()
-        for r in ckpt.unpack_rollouts(rollouts.read_bytes()) if rollouts.exists() else []:
+        for r in unpack_rollouts(rollouts.read_bytes()) if rollouts.exists() else []:
             future: Future = Future()
             future.set_result(r)
             self.pending.append((r.plan.step, future))
@@ -508,14 +505,14 @@ class Trainer:
             total += rollout_wait
             phase["other"] = max(0.0, total - rollout_wait - phase["train"] - phase["sync"])
 
-        rewards, rl_rows, scored = rollouts.rewards, rollouts.rows, rollouts.scored
-        record = {"step": plan.step, "mu": plan.mu, "reward_mean": float(rewards.mean()) if len(rewards) else None,
-                  **{k: train.get(k) for k in ("loss", "rl_loss", "sft_loss", "kl", "entropy", "clip_frac",
-                                               "grad_norm", "lr", "ref_kl", "value_loss", "value_zero_loss",
-                                               "value_clip_frac")},
+        rl_rows, scored = rollouts.rows, rollouts.scored
+        record = {"step": plan.step, "mu": plan.mu, "reward_mean": rollouts.reward_mean,
+                  **{k: train.get(k) for k in STEP_METRICS},
                   "optimizer_steps": train["optimizer_steps"], "policy_lag": plan.step - rollouts.version,
                   "samples": len(rl_rows), "tokens": sum(len(c.token_ids) for _, c in rl_rows),
-                  "dropped_groups": len(rollouts.dropped),
+                  "dropped_groups": len(rollouts.dropped), "filtered_groups": rollouts.filtered,
+                  "sample_rounds": rollouts.rounds,
+                  "truncated_rows": sum(c.finish_reason == "length" for _, c in rl_rows),
                   "expert_rows": len(plan.expert_ids), "weight_sync_bytes": nbytes * len(self.rollouts),
                   "step_seconds": total, **{f"{k}_seconds": v for k, v in phase.items()}}
         if rollout_wait is not None:
@@ -539,36 +536,77 @@ class Trainer:
                 self.metrics.deadlines.labels(group.role).inc(deadlines)
 
     def _rollouts(self, plan: StepPlan) -> Rollouts:
-        """Generate and score the step's on-policy rows (none when mu = 1). With ``reward.on_failure = drop_group``
-        the groups of prompts whose reward failed on any sample are left out here, before advantages."""
+        """Generate and score the step's on-policy rows (none when mu = 1), prompt-major in groups of rollout.n.
+
+        Groups leave the step before advantages: with ``reward.on_failure = drop_group`` those whose reward failed on
+        any sample; with ``algo.dynamic_sampling`` (DAPO) those whose rewards are all equal, which carry no GRPO signal,
+        and more prompts are sampled in further rounds (up to ``algo.max_sample_rounds``) until the step has
+        ``prompts_per_step`` groups. The extra prompts of round r are drawn by (seed, step, r), not from the data
+        cursor, so a resumed run draws the same ones and async mode's planning ahead cannot change them."""
         if self.stopping.is_set():
             raise Interrupted("rollouts")
         version, phase = self.engine_version, {}
         if not plan.prompt_ids:
             return Rollouts(plan, [], torch.zeros(0), [], version, phase)
-        rc = self.cfg.rollout
-        # the step's own seed: a retried, resumed or restarted engine samples exactly what the first would have
-        seed = random.Random(f"chorus-sample-{self.cfg.train.seed}-{plan.step}").getrandbits(48)
+        a, n, want = self.cfg.algo, self.cfg.rollout.n, len(plan.prompt_ids)
+        rows: list[tuple[list[int], Completion]] = []
+        scored: list[Scored] = []
+        dropped, filtered, sampled, rounds, prompt_ids = [], 0, [], 0, plan.prompt_ids
+        while True:
+            got_rows, got_scored, got_dropped = self._sample_groups(plan.step, rounds, prompt_ids, phase)
+            rounds += 1
+            dropped += got_dropped
+            sampled += [s.total for s in got_scored]
+            if a.dynamic_sampling:
+                uniform = set(uniform_groups(got_scored, n))
+                filtered += len(uniform)
+                keep = [i for i in range(len(got_rows)) if i // n not in uniform][: (want - len(rows) // n) * n]
+                got_rows, got_scored = [got_rows[i] for i in keep], [got_scored[i] for i in keep]
+            rows += got_rows
+            scored += got_scored
+            if not a.dynamic_sampling or len(rows) >= want * n or rounds >= a.max_sample_rounds:
+                break
+            extra = random.Random(f"chorus-refill-{self.cfg.train.seed}-{plan.step}-{rounds}")
+            prompt_ids = extra.sample(range(len(self.prompts)), min(want, len(self.prompts)))
+        if a.dynamic_sampling and len(rows) < want * n:
+            log.warning("step %d: %d of %d prompt groups with a reward spread after %d sampling rounds "
+                        "(algo.max_sample_rounds); training on those", plan.step, len(rows) // n, want, rounds)
+        rewards = torch.tensor([s.total for s in scored])
+        return Rollouts(plan, rows, rewards, scored, version, phase, dropped, filtered=filtered, rounds=rounds,
+                        reward_mean=sum(sampled) / len(sampled) if sampled else None)
+
+    def _sample_groups(self, step: int, round_: int, prompt_ids: list[int], phase: dict
+                       ) -> tuple[list[tuple[list[int], Completion]], list[Scored], list[int]]:
+        """rollout.n completions of each prompt-set row of ``prompt_ids``, scored (with the overlong penalty, when
+        set) and without the groups a failed reward drops: (rows, scores, dropped prompt-set rows). Adds the
+        generate and reward seconds to ``phase``."""
+        rc, a = self.cfg.rollout, self.cfg.algo
+        # each round's own seed: a retried, resumed or restarted engine samples exactly what the first would have
+        key = f"chorus-sample-{self.cfg.train.seed}-{step}" + (f"-{round_}" if round_ else "")
         spec = SamplingSpec(n=rc.n, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
-                            seed=seed)
+                            seed=random.Random(key).getrandbits(48))
         t = time.perf_counter()
-        completions = self._generate([self.prompt_ids[i] for i in plan.prompt_ids], spec)
-        phase["generate"] = time.perf_counter() - t
-        rows = [self.prompts[plan.prompt_ids[c.prompt_index]] for c in completions]
+        completions = self._generate([self.prompt_ids[i] for i in prompt_ids], spec)
+        phase["generate"] = phase.get("generate", 0.0) + time.perf_counter() - t
+        rows = [self.prompts[prompt_ids[c.prompt_index]] for c in completions]
         t = time.perf_counter()
         scored = self._score(rows, [c.text for c in completions])
-        phase["reward"] = time.perf_counter() - t
+        phase["reward"] = phase.get("reward", 0.0) + time.perf_counter() - t
+        if a.overlong_buffer:  # DAPO's soft overlong punishment, a component of the reward like any other
+            penalty = overlong_penalty(torch.tensor([len(c.token_ids) for c in completions]),
+                                       max_len=rc.max_new_tokens, buffer=a.overlong_buffer, factor=a.overlong_penalty)
+            for s, p in zip(scored, penalty.tolist()):
+                s.components["overlong"] = p
+                s.total += p
         dropped = []
         if self.cfg.reward.on_failure == "drop_group":
             keep, groups = drop_failed_groups(scored, rc.n)
-            dropped = [plan.prompt_ids[completions[g * rc.n].prompt_index] for g in groups]
+            dropped = [prompt_ids[completions[g * rc.n].prompt_index] for g in groups]
             if dropped:
-                log.warning("step %d: dropped %d of %d prompt groups whose reward failed: %s", plan.step,
-                            len(dropped), len(plan.prompt_ids), [self.prompts[i]["prompt"][:80] for i in dropped])
+                log.warning("step %d: dropped %d of %d prompt groups whose reward failed: %s", step,
+                            len(dropped), len(prompt_ids), [self.prompts[i]["prompt"][:80] for i in dropped])
             completions, scored = [completions[i] for i in keep], [scored[i] for i in keep]
-        rewards = torch.tensor([s.total for s in scored])
-        rl_rows = [(self.prompt_ids[plan.prompt_ids[c.prompt_index]], c) for c in completions]
-        return Rollouts(plan, rl_rows, rewards, scored, version, phase, dropped)
+        return [(self.prompt_ids[prompt_ids[c.prompt_index]], c) for c in completions], scored, dropped
 
     def _generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Completion]:
         return generate(self.rollouts, prompts, spec, on_pending=self.metrics.queue.labels("rollout").set)
@@ -591,8 +629,9 @@ class Trainer:
         return scored
 
     def _batch(self, plan: StepPlan, rollouts: Rollouts) -> TrainBatch:
-        """The step's rows: on-policy rows with per-token advantages (and reference log-probabilities, critic values
-        and returns where the algorithm uses them), then the expert rows."""
+        """The step's rows: on-policy rows with per-token advantages (and reference log-probabilities, the learner's
+        recomputed log-probabilities, critic values and returns where the algorithm uses them), then the expert
+        rows."""
         a = self.cfg.algo
         rows = rollouts.rows
         lengths = [len(c.token_ids) for _, c in rows]
@@ -600,15 +639,16 @@ class Trainer:
                         old_logprobs=[c.logprobs for _, c in rows], advantages=[[0.0] * n for n in lengths],
                         is_expert=[False] * len(rows))
         if rl:
-            if a.advantage == "gae":
-                self._gae(rl, rollouts.rewards, lengths)
-            else:
-                adv = grpo_advantages(rollouts.rewards, self.cfg.rollout.n, std_normalize=a.adv_std_normalize)
-                rl.advantages = [[float(x)] * n for x, n in zip(adv, lengths)]
+            if a.recompute_logprobs:  # the proximal policy is the learner's; the engine's is the behaviour policy
+                rl.behaviour_logprobs = rl.old_logprobs
+                rl.old_logprobs = self._per_rank(self.learners, rl, lambda actor, b: actor.logprobs.remote(b))
             if a.kl_coef > 0:
                 group = self.learners if self.references is None else self.references  # colocated or not
                 rl.ref_logprobs = self._per_rank(group, rl,
                                                  lambda actor, b: actor.reference_logprobs.remote(b))
+            self._advantages(rl, rollouts.rewards, lengths)
+            if a.overlong_filter:  # DAPO: a response cut off at the budget leaves the loss (it counted in its group)
+                rl = rl.select([i for i, (_, c) in enumerate(rows) if c.finish_reason != "length"])
         expert = [self.expert_rows[i] for i in plan.expert_ids]
         zeros = [[0.0] * len(r) for _, r in expert]
         rl.input_ids += [p + r for p, r in expert]
@@ -616,28 +656,38 @@ class Trainer:
         rl.old_logprobs += zeros
         rl.advantages += zeros
         rl.is_expert += [True] * len(expert)
-        for k in ("ref_logprobs", "old_values", "returns"):
+        for k in OPTIONAL:
             if getattr(rl, k) is not None:
                 setattr(rl, k, getattr(rl, k) + zeros)
         return rl
 
-    def _gae(self, rl: TrainBatch, rewards: torch.Tensor, lengths: list[int]) -> None:
-        """PPO: the critic's values of the rollouts, GAE advantages and returns on them (reward on the last token)."""
+    def _advantages(self, rl: TrainBatch, rewards: torch.Tensor, lengths: list[int]) -> None:
+        """Per-token advantages of the on-policy rows by ``algo.advantage`` (with the critic's values and GAE returns
+        for an estimator that uses a critic; with ``kl_penalty: reward`` the KL penalty on each token's reward)."""
         a = self.cfg.algo
-        values = self._per_rank(self.critic, rl, lambda actor, b: actor.values.remote(b))
         width = max(max(lengths), 1)
-        mask = torch.zeros(len(lengths), width)
-        v = torch.zeros(len(lengths), width)
-        for b, (n, row) in enumerate(zip(lengths, values)):
-            mask[b, :n] = 1.0
-            v[b, :n] = torch.tensor(row)
-        r = whiten(rewards.float()) if a.whiten_rewards and len(rewards) > 1 else rewards.float()
-        adv, returns = gae(final_token_rewards(r, lengths, width), v, mask, gamma=a.gamma, lam=a.lam)
-        if a.whiten_advantages and mask.sum() > 1:
-            adv = whiten(adv, mask)
+
+        def padded(rows: list[list[float]]) -> torch.Tensor:  # [B][T_b] -> [B, width], 0 after each row
+            out = torch.zeros(len(rows), width)
+            for b, row in enumerate(rows):
+                out[b, : len(row)] = torch.tensor(row, dtype=torch.float32)
+            return out
+
+        mask = padded([[1.0] * n for n in lengths])
+        values = None
+        if needs_critic(a.advantage):
+            rl.old_values = self._per_rank(self.critic, rl, lambda actor, b: actor.values.remote(b))
+            values = padded(rl.old_values)
+        token_rewards = None
+        if a.kl_penalty == "reward" and rl.ref_logprobs is not None:
+            # -kl_coef * KL estimate of each token the policy sampled, on the sampling policy's log-probabilities
+            log_r = ref_log_ratio(padded(rl.old_logprobs), padded(rl.ref_logprobs), mask)
+            token_rewards = -a.kl_coef * KL_ESTIMATORS[a.kl_estimator](log_r)
+        adv, returns = ADVANTAGES[a.advantage](rewards, mask, self.advantage_spec, values=values,
+                                               token_rewards=token_rewards)
         rl.advantages = [adv[b, :n].tolist() for b, n in enumerate(lengths)]
-        rl.returns = [returns[b, :n].tolist() for b, n in enumerate(lengths)]
-        rl.old_values = values
+        if returns is not None:
+            rl.returns = [returns[b, :n].tolist() for b, n in enumerate(lengths)]
 
     @staticmethod
     def _per_rank(group, batch: TrainBatch, call) -> list[list[float]]:

@@ -42,6 +42,16 @@ class Metrics:
                                        "(epochs x mini-batches per training step)", registry=r)
         self.entropy = Gauge("chorus_entropy", "Mean token entropy of the policy on RL tokens (nats)", registry=r)
         self.clip_frac = Gauge("chorus_clip_fraction", "Share of RL tokens whose ratio was clipped", registry=r)
+        self.dual_clip_frac = Gauge("chorus_dual_clip_fraction", "Share of RL tokens whose loss the dual clip capped "
+                                    "(A < 0, ratio far above 1; algo.dual_clip)", registry=r)
+        self.mismatch_kl = Gauge("chorus_mismatch_kl", "k3 estimate of KL(engine policy || learner policy) on RL "
+                                 "tokens, same weights (algo.recompute_logprobs)", registry=r)
+        self.is_ratio = Gauge("chorus_is_ratio_mean", "Mean importance ratio learner / engine probability of the RL "
+                              "tokens (algo.recompute_logprobs)", registry=r)
+        self.is_weight = Gauge("chorus_is_weight_mean", "Mean weight algo.is_correction gave the RL tokens", registry=r)
+        self.is_outside = Gauge("chorus_is_outside_fraction", "Share of RL tokens whose importance ratio (level=token) "
+                                "or whose sequence's ratio (level=seq) is outside [1/is_cap, is_cap]: truncated or "
+                                "masked by the matching algo.is_correction", ["level"], registry=r)
         self.grad_norm = Gauge("chorus_grad_norm", "Global gradient norm before clipping", registry=r)
         self.lr = Gauge("chorus_learning_rate", "Learning rate", registry=r)
         self.response_len = Gauge("chorus_response_length_tokens", "Mean response length (tokens)", registry=r)
@@ -73,6 +83,13 @@ class Metrics:
         self.dropped_groups = Counter("chorus_reward_dropped_groups_total", "Prompt groups left out of a step because "
                                       "a reward failed on one of their samples (reward.on_failure = drop_group)",
                                       registry=r)
+        self.filtered_groups = Counter("chorus_filtered_groups_total", "Prompt groups left out of a step because "
+                                       "their rewards were all equal (algo.dynamic_sampling)", registry=r)
+        self.sample_rounds = Gauge("chorus_sample_rounds", "Generation rounds the last step took to fill its groups "
+                                   "(1 without algo.dynamic_sampling)", registry=r)
+        self.truncated = Counter("chorus_truncated_responses_total", "Responses trained on that hit "
+                                 "rollout.max_new_tokens (left out of the loss with algo.overlong_filter)",
+                                 registry=r)
         self.skipped_rows = Counter("chorus_data_rows_skipped_total", "Malformed data rows left out at start "
                                     "(data.on_bad_row = skip), per data set", ["dataset"], registry=r)
         self.sync_bytes = Counter("chorus_weight_sync_bytes_total", "Bytes of weights pushed to rollout engines",
@@ -101,7 +118,11 @@ class Metrics:
         for gauge, key in ((self.kl, "kl"), (self.entropy, "entropy"), (self.clip_frac, "clip_frac"),
                            (self.grad_norm, "grad_norm"), (self.lr, "lr"), (self.step_seconds, "step_seconds"),
                            (self.ref_kl, "ref_kl"), (self.value_clip_frac, "value_clip_frac"),
-                           (self.policy_lag, "policy_lag"), (self.rollout_wait, "rollout_wait_seconds")):
+                           (self.policy_lag, "policy_lag"), (self.rollout_wait, "rollout_wait_seconds"),
+                           (self.dual_clip_frac, "dual_clip_frac"), (self.mismatch_kl, "mismatch_kl"),
+                           (self.is_ratio, "is_ratio"), (self.is_weight, "is_weight"),
+                           (self.is_outside.labels("token"), "is_ratio_outside"),
+                           (self.is_outside.labels("seq"), "is_seq_outside")):
             if r.get(key) is not None:
                 gauge.set(r[key])
         self.optimizer_steps.inc(r["optimizer_steps"])
@@ -109,6 +130,9 @@ class Metrics:
         self.tokens.inc(r["tokens"])
         self.expert_rows.inc(r["expert_rows"])
         self.dropped_groups.inc(r["dropped_groups"])
+        self.filtered_groups.inc(r["filtered_groups"])
+        self.truncated.inc(r["truncated_rows"])
+        self.sample_rounds.set(r["sample_rounds"])
         if r["samples"]:
             self.reward.labels("total").set(r["reward_mean"])
             self.response_len.set(r["response_tokens_mean"])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import ray
 
-from actors.config import ChorusConfig, ConfigError, LearnerConfig
+from actors.config import ChorusConfig, ConfigError, LearnerConfig, loss_spec
 from actors.group import ActorGroup
 
 # vLLM warns on every weight reload that the rotary embedding has no weights to load (it has none to train
@@ -39,15 +39,16 @@ def bundle(role: str, cpus: float, gpus: float) -> dict[str, float]:
 
 def start_learners(cfg: ChorusConfig, model_path: str) -> tuple[ActorGroup, ActorGroup | None]:
     """The policy's DeepSpeed ranks (with the colocated reference) and the PPO critic's, fresh from the model."""
+    from learners.advantages import needs_critic
     from learners.learner import LearnerActor
 
-    a, gpu = cfg.algo, _has_gpus()
+    a, gpu, spec = cfg.algo, _has_gpus(), loss_spec(cfg)
     colocated_ref = a.kl_coef > 0 and cfg.reference.colocate
     learners = deepspeed_group(
         "learner", LearnerActor, cfg.learner, gpu,
-        lambda rank: dict(model_path=model_path, cfg=cfg.learner, algo=a, dtype=cfg.model.dtype, seed=cfg.train.seed,
-                          rank=rank, world_size=cfg.learner.num_actors, reference=colocated_ref))
-    if a.advantage != "gae":
+        lambda rank: dict(model_path=model_path, cfg=cfg.learner, spec=spec, dtype=cfg.model.dtype,
+                          seed=cfg.train.seed, rank=rank, world_size=cfg.learner.num_actors, reference=colocated_ref))
+    if not needs_critic(a.advantage):
         return learners, None
     from learners.critic import CriticActor
 
@@ -92,7 +93,7 @@ def start_rollouts(cfg: ChorusConfig, model_path: str, sync_dir: Path) -> ActorG
         "rollout", RolloutActor, rc.num_actors,
         bundle("rollout", rc.num_cpus, rc.tensor_parallel_size if gpu else 0),
         lambda rank: dict(backend=rc.backend, model_path=model_path, weights_dir=str(sync_dir),
-                          num_threads=rc.num_threads, dtype=cfg.model.dtype, seed=cfg.train.seed + rank,
+                          num_threads=rc.num_threads, dtype=rc.dtype or cfg.model.dtype, seed=cfg.train.seed + rank,
                           max_model_len=rc.max_model_len, tensor_parallel_size=rc.tensor_parallel_size,
                           kv_cache_gib=rc.kv_cache_gib, gpu_memory_utilization=rc.gpu_memory_utilization),
         env={**BASE_ENV, "OMP_NUM_THREADS": str(rc.num_threads)}, max_restarts=-1, retries=3,
@@ -115,7 +116,8 @@ def start_pools(cfg: ChorusConfig, model_path: str, sync_dir: Path
             started.append(ActorGroup(
                 "reference", ReferenceActor, ref.num_actors,
                 bundle("reference", ref.num_cpus, _gpus(ref.num_gpus, gpu)),
-                lambda rank: dict(model_path=model_path, dtype=cfg.model.dtype, num_threads=ref.num_threads),
+                lambda rank: dict(model_path=model_path, dtype=cfg.model.dtype, num_threads=ref.num_threads,
+                                  temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p),
                 env={**BASE_ENV, "OMP_NUM_THREADS": str(ref.num_threads)}, max_restarts=-1, retries=3,
                 deadline_s=cfg.learner.deadline_s))
         else:

@@ -3,48 +3,15 @@ leave the step when a reward failed on them. No Ray here."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 from actors.config import AlgoConfig
+from actors.records import StepPlan
+from learners.schedules import MU_SCHEDULES
 from rollout.data import Cursor
 from rollout.types import Scored
-
-
-def mu_at(step: int, *, mu_peak: float, mu_valley: float, warmup_steps: int, decay_steps: int,
-          hold_steps: int = 0) -> float:
-    """CHORD's mu schedule (as in the paper's public implementation in Trinity-RFT), with an optional hold H:
-
-        step <  W:                  mu = mu_peak * step / W                                        (linear warmup)
-        W <= step < W + H:          mu = mu_peak                                                   (hold)
-        W + H <= step < W + H + D:  mu = mu_valley + (mu_peak - mu_valley) * (1 + cos(pi * s / D)) / 2,
-                                    s = step - W - H                                               (cosine decay)
-        step >= W + H + D:          mu = mu_valley
-
-    With W = H = D = 0 mu is the constant mu_valley. SFT-then-RL is mu_peak 1, mu_valley 0, H = the SFT steps, D = 0.
-    """
-    if step < warmup_steps:
-        return mu_peak * step / warmup_steps
-    s = step - warmup_steps
-    if s < hold_steps:
-        return mu_peak
-    s -= hold_steps
-    if s < decay_steps:
-        return mu_valley + (mu_peak - mu_valley) * 0.5 * (1.0 + math.cos(math.pi * s / decay_steps))
-    return mu_valley
-
 
 def num_expert_rows(on_policy_rows: int, expert_ratio: float) -> int:
     """E = round(r * R / (1 - r)): the whole number of expert rows that makes E / (E + R) about ``expert_ratio``."""
     return round(expert_ratio * on_policy_rows / (1.0 - expert_ratio))
-
-
-@dataclass
-class StepPlan:
-    step: int
-    prompt_ids: list[int]  # rows of the prompt set; each is sampled n times
-    expert_ids: list[int]  # rows of the expert set
-    mu: float
 
 
 class Scheduler:
@@ -56,7 +23,7 @@ class Scheduler:
 
     def mu(self, step: int) -> float:
         c = self.cfg
-        return mu_at(step, mu_peak=c.mu_peak, mu_valley=c.mu_valley,
+        return MU_SCHEDULES[c.mu_schedule](step, mu_peak=c.mu_peak, mu_valley=c.mu_valley,
                      warmup_steps=c.mu_warmup_steps, hold_steps=c.mu_hold_steps, decay_steps=c.mu_decay_steps)
 
     def plan(self, step: int) -> StepPlan:
@@ -88,3 +55,14 @@ def drop_failed_groups(scored: list[Scored], group_size: int) -> tuple[list[int]
     gone = set(dropped)
     kept = [i for i in range(len(scored)) if i // group_size not in gone]
     return kept, dropped
+
+
+def uniform_groups(scored: list[Scored], group_size: int) -> list[int]:
+    """``algo.dynamic_sampling``: the groups (rows g*G .. g*G + G - 1, one prompt's samples) whose totals are all
+    equal, all right or all wrong: their group-relative advantages are all 0, so they teach the policy nothing and
+    only dilute the step (DAPO, Yu et al. 2025, sec. 3.2). Ascending."""
+    if len(scored) % group_size:
+        raise ValueError(f"{len(scored)} rows do not split into groups of {group_size}")
+    return [g for g in range(len(scored) // group_size)
+            if len({s.total for s in scored[g * group_size : (g + 1) * group_size]}) == 1]
+

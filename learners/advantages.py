@@ -1,9 +1,94 @@
-"""Advantage estimators as pure functions of tensors."""
+"""Advantage estimators as pure functions of tensors, registered by name (``algo.advantage``).
+
+An estimator maps one step's on-policy rows to per-token advantages (and, with a critic, the critic's regression
+targets): ``fn(rewards [B], mask [B, T], spec, *, values, token_rewards) -> (advantages [B, T], returns [B, T] | None)``
+with ``rewards`` the sequence scores, rows prompt-major in groups of ``spec.group_size`` (one prompt's samples
+contiguous), ``mask`` 1 on each row's response tokens (left-aligned), ``values`` the critic's [B, T] (estimators marked
+:func:`uses_critic` only) and ``token_rewards`` per-token rewards added to the score (the KL penalty with
+``algo.kl_penalty: reward``), or None.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from learners.registry import Registry
+
+
+@dataclass(frozen=True)
+class AdvantageSpec:
+    """The estimators' hyperparameters, from ``algo`` (actors/config.py: ``advantage_spec``)."""
+
+    group_size: int  # samples per prompt (rollout.n)
+    std_normalize: bool = True  # grpo: divide by the group's std (False: Dr. GRPO)
+    gamma: float = 1.0  # gae: discount
+    lam: float = 0.95  # gae: lambda
+    whiten_rewards: bool = False  # gae: the step's scores to mean 0, std 1 first
+    whiten_advantages: bool = True  # gae: advantages to mean 0, std 1 over the step's tokens
+
+
+ADVANTAGES: Registry = Registry("advantage estimator")
+
+
+def uses_critic(fn):
+    """Mark an estimator that needs the critic's values (the run then starts a critic group)."""
+    fn.uses_critic = True
+    return fn
+
+
+def needs_critic(name: str) -> bool:
+    return getattr(ADVANTAGES[name], "uses_critic", False)
+
+
+def _sequence_rewards(rewards: Tensor, token_rewards: Tensor | None, mask: Tensor) -> Tensor:
+    """Each row's score plus the sum of its token rewards: [B]."""
+    rewards = rewards.float()
+    if token_rewards is not None:
+        rewards = rewards + (token_rewards * mask).sum(-1)
+    return rewards
+
+
+@ADVANTAGES.register("grpo")
+def grpo(rewards: Tensor, mask: Tensor, spec: AdvantageSpec, *, values: Tensor | None = None,
+         token_rewards: Tensor | None = None) -> tuple[Tensor, None]:
+    """GRPO's group-normalised advantage (:func:`grpo_advantages`) of each row's total reward, on every token."""
+    adv = grpo_advantages(_sequence_rewards(rewards, token_rewards, mask), spec.group_size,
+                          std_normalize=spec.std_normalize)
+    return adv.unsqueeze(-1) * mask, None
+
+
+@ADVANTAGES.register("rloo")
+def rloo(rewards: Tensor, mask: Tensor, spec: AdvantageSpec, *, values: Tensor | None = None,
+         token_rewards: Tensor | None = None) -> tuple[Tensor, None]:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, eq. 5): each sample's baseline is the mean reward of the other
+    G - 1 samples of its prompt, A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean(r_group)). Needs G >= 2."""
+    G = spec.group_size
+    if G < 2:
+        raise ValueError("rloo needs at least 2 samples per prompt (rollout.n)")
+    r = _sequence_rewards(rewards, token_rewards, mask).view(-1, G)  # [N, G]
+    adv = (r.sum(1, keepdim=True) - r) / (G - 1)  # the others' mean
+    return (r - adv).reshape(-1).unsqueeze(-1) * mask, None
+
+
+@ADVANTAGES.register("gae")
+@uses_critic
+def gae_estimator(rewards: Tensor, mask: Tensor, spec: AdvantageSpec, *, values: Tensor | None = None,
+                  token_rewards: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """PPO with a critic: the score on each row's last token (whitened over the step first with
+    ``whiten_rewards``), token rewards added, then :func:`gae`; advantages whitened over the step's tokens with
+    ``whiten_advantages``."""
+    r = whiten(rewards.float()) if spec.whiten_rewards and len(rewards) > 1 else rewards.float()
+    lengths = mask.sum(-1).long().tolist()
+    per_token = final_token_rewards(r, lengths, mask.shape[1])
+    if token_rewards is not None:
+        per_token = per_token + token_rewards * mask
+    adv, returns = gae(per_token, values, mask, gamma=spec.gamma, lam=spec.lam)
+    if spec.whiten_advantages and mask.sum() > 1:
+        adv = whiten(adv, mask)
+    return adv, returns
 
 
 def grpo_advantages(rewards: Tensor, group_size: int, *, std_normalize: bool = True, eps: float = 1e-6) -> Tensor:
@@ -76,3 +161,19 @@ def whiten(x: Tensor, mask: Tensor | None = None, *, shift_mean: bool = True, ep
     if not shift_mean:
         out = out + mean
     return out * mask
+
+
+def overlong_penalty(lengths: Tensor, *, max_len: int, buffer: int, factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the reward of each response of ``lengths``
+    tokens [B], with L_max = ``max_len`` (the generation budget) and L_cache = ``buffer``:
+
+        R_len = 0                                    |y| <= L_max - L_cache
+        R_len = ((L_max - L_cache) - |y|) / L_cache  L_max - L_cache < |y| <= L_max
+        R_len = -1                                   |y| > L_max
+
+    times ``factor``: a penalty growing linearly over the last L_cache tokens of the budget, so that a response
+    running long loses reward before it is cut off. Returns [B] (float32, <= 0)."""
+    lengths = lengths.float()
+    soft = ((max_len - buffer) - lengths) / buffer
+    return factor * torch.clamp(torch.where(lengths > max_len, torch.full_like(soft, -1.0), soft), min=-1.0, max=0.0)
+

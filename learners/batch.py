@@ -7,6 +7,9 @@ from dataclasses import dataclass, fields
 import torch
 
 
+OPTIONAL = ("ref_logprobs", "old_values", "returns", "behaviour_logprobs")  # the per-token fields that may be None
+
+
 @dataclass
 class TrainBatch:
     """Rows of one step (or one rank's share of it). Row i is ``input_ids[i]`` = prompt + response tokens.
@@ -17,13 +20,15 @@ class TrainBatch:
 
     input_ids: list[list[int]]  # [B][L_i] prompt + response tokens, unpadded
     prompt_lens: list[int]  # [B] P_i
-    old_logprobs: list[list[float]]  # [B][L_i - P_i] behaviour logprobs of the response (zeros for expert rows)
+    old_logprobs: list[list[float]]  # [B][L_i - P_i] the PPO ratio's denominator: the engine's logprobs, or the
+    #                                  learner's recomputed ones (algo.recompute_logprobs); zeros for expert rows
     advantages: list[list[float]]  # [B][L_i - P_i] per response token (GRPO: the sequence's, repeated; 0: expert)
     is_expert: list[bool]  # [B] True: an expert demonstration (SFT term); False: on-policy (RL term)
     # Per response token, present only when the step uses them ([B][L_i - P_i] or None):
     ref_logprobs: list[list[float]] | None = None  # the frozen reference model's (KL penalty)
     old_values: list[list[float]] | None = None  # the critic's before this step (value clipping)
     returns: list[list[float]] | None = None  # the critic's targets (GAE)
+    behaviour_logprobs: list[list[float]] | None = None  # the engine's, when old_logprobs are the learner's
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -39,7 +44,7 @@ class TrainBatch:
         others waiting forever)."""
         return TrainBatch(input_ids=[[0, 0]], prompt_lens=[2], old_logprobs=[[]], advantages=[[]], is_expert=[False],
                           **{k: None if getattr(self, k) is None else [[]]
-                             for k in ("ref_logprobs", "old_values", "returns")})
+                             for k in OPTIONAL})
 
     def token_counts(self) -> tuple[int, int]:
         """(on-policy response tokens, expert response tokens): the normalisers of the two loss terms."""
@@ -87,9 +92,10 @@ class Tensors:
     ref_logprobs: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    behaviour_logprobs: torch.Tensor | None = None
 
 
-_PER_TOKEN = ("old_logprobs", "advantages", "ref_logprobs", "old_values", "returns")
+_PER_TOKEN = ("old_logprobs", "advantages", *OPTIONAL)
 
 
 def collate(batch: TrainBatch, pad_id: int, device: str | torch.device = "cpu") -> Tensors:

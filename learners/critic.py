@@ -6,9 +6,13 @@ same shifted positions as the policy's log-probabilities (learners/batch.py), so
 
 from __future__ import annotations
 
-from actors.config import LearnerConfig
+from typing import TYPE_CHECKING
+
 from learners.batch import TrainBatch, collate, response_rows
 from learners.learner import DeepSpeedRank
+
+if TYPE_CHECKING:  # the config's section is passed in; learners/ does not import actors/
+    from actors.config import LearnerConfig
 
 
 def _value_model_class():

@@ -13,8 +13,13 @@ import os
 from functools import partial
 from pathlib import Path
 
-from actors.config import AlgoConfig, LearnerConfig
+from typing import TYPE_CHECKING
+
 from learners.batch import TrainBatch, collate
+from learners.losses import LossSpec
+
+if TYPE_CHECKING:  # the config's section is passed in; learners/ does not import actors/
+    from actors.config import LearnerConfig
 
 
 def lr_factor(step: int, *, cfg: LearnerConfig) -> float:
@@ -180,12 +185,13 @@ class DeepSpeedRank:
 
 
 class LearnerActor(DeepSpeedRank):
-    """The policy. With ``reference`` it also holds a frozen copy of the initial model (the colocated reference)."""
+    """The policy. With ``reference`` it also holds a frozen copy of the initial model (the colocated reference).
+    ``spec`` is the loss, and the sampling distribution every log-probability here is computed on."""
 
-    def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgoConfig, *, dtype: str, seed: int,
+    def __init__(self, model_path: str, cfg: LearnerConfig, spec: LossSpec, *, dtype: str, seed: int,
                  rank: int, world_size: int, reference: bool = False):
         super().__init__(model_path, cfg, dtype=dtype, seed=seed, rank=rank, world_size=world_size)
-        self.algo, self.with_reference = algo, reference
+        self.spec, self.with_reference = spec, reference
 
     def setup(self, master_addr: str, master_port: int) -> None:
         self._join(master_addr, master_port)
@@ -200,23 +206,27 @@ class LearnerActor(DeepSpeedRank):
     # --- forward passes ---------------------------------------------------------------------------------------
 
     def _forward(self, t):
-        from learners.losses import token_logprobs
+        from learners.sampling import sampling_logprobs
 
         logits = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask).logits[:, :-1]  # [B, L-1, V]
-        return logits, token_logprobs(logits, t.targets)  # [B, L-1]
+        spec = self.spec
+        return logits, sampling_logprobs(logits, t.targets, temperature=spec.temperature, top_p=spec.top_p)
 
     def logprobs(self, batch: TrainBatch) -> list[list[float]]:
-        """Log-probabilities of each row's response tokens under the current weights: [B][L_i - P_i]."""
+        """Log-probabilities of each row's response tokens under the current weights, on the sampling distribution:
+        [B][L_i - P_i] (the proximal policy of ``algo.recompute_logprobs``)."""
         from learners.reference import response_logprobs
 
         self.engine.eval()
-        return response_logprobs(self.engine, batch, self.pad_id, self.device)
+        return response_logprobs(self.engine, batch, self.pad_id, self.device, temperature=self.spec.temperature,
+                                 top_p=self.spec.top_p)
 
     def reference_logprobs(self, batch: TrainBatch) -> list[list[float]]:
         """The same under the frozen reference (colocated: ``reference=True``)."""
         from learners.reference import response_logprobs
 
-        return response_logprobs(self.ref_model, batch, self.pad_id, self.device)
+        return response_logprobs(self.ref_model, batch, self.pad_id, self.device, temperature=self.spec.temperature,
+                                 top_p=self.spec.top_p)
 
     # --- one optimiser step -----------------------------------------------------------------------------------
 
@@ -225,19 +235,20 @@ class LearnerActor(DeepSpeedRank):
         """One optimiser step on the CHORD loss; the counts are those of the whole mini-batch across ranks."""
         from learners.losses import chord_loss, entropy_from_logits
 
-        torch, algo = self.torch, self.algo
+        torch = self.torch
 
         def loss_fn(t):
             logits, logprobs = self._forward(t)
             loss, metrics = chord_loss(
-                logprobs, t.old_logprobs, t.advantages, t.mask, t.is_expert, mu=mu, clip_eps=algo.clip_eps,
-                dual_clip=algo.dual_clip, phi=algo.phi, ref_logprobs=t.ref_logprobs, kl_coef=algo.kl_coef,
-                kl_estimator=algo.kl_estimator, agg=algo.loss_agg, n_rl_tokens=n_rl_tokens, n_rl_seqs=n_rl_seqs,
-                n_sft_tokens=n_sft_tokens,
+                logprobs, t.old_logprobs, t.advantages, t.mask, t.is_expert, self.spec, mu=mu,
+                ref_logprobs=t.ref_logprobs, behaviour_logprobs=t.behaviour_logprobs, n_rl_tokens=n_rl_tokens,
+                n_rl_seqs=n_rl_seqs, n_sft_tokens=n_sft_tokens,
             )
             with torch.no_grad():
                 rl_mask = t.mask * (~t.is_expert).float().unsqueeze(-1)
-                metrics["entropy"] = (entropy_from_logits(logits) * rl_mask).sum() / max(n_rl_tokens, 1)
+                # of the tempered distribution the engines sample from (before the top-p nucleus)
+                entropy = entropy_from_logits(logits.float() / self.spec.temperature)  # [B, L-1]
+                metrics["entropy"] = (entropy * rl_mask).sum() / max(n_rl_tokens, 1)
             return loss, metrics
 
         return self._step(micro_batches, loss_fn)

@@ -12,24 +12,25 @@ import os
 from learners.batch import TrainBatch, collate, response_rows
 
 
-def response_logprobs(model, batch: TrainBatch, pad_id: int, device) -> list[list[float]]:
+def response_logprobs(model, batch: TrainBatch, pad_id: int, device, *, temperature: float = 1.0,
+                      top_p: float = 1.0) -> list[list[float]]:
     """log p(response token | prefix) of each row under ``model`` (an HF causal LM or a DeepSpeed engine wrapping
-    one), no gradient: [B][L_i - P_i]."""
+    one) on the sampling distribution (logits / temperature, top-p nucleus), no gradient: [B][L_i - P_i]."""
     import torch
 
-    from learners.losses import token_logprobs
+    from learners.sampling import sampling_logprobs
 
     with torch.no_grad():
         t = collate(batch, pad_id, device)
         logits = model(input_ids=t.input_ids, attention_mask=t.attention_mask).logits[:, :-1]  # [B, L-1, V]
-        lp = token_logprobs(logits, t.targets)  # [B, L-1]
+        lp = sampling_logprobs(logits, t.targets, temperature=temperature, top_p=top_p)  # [B, L-1]
     return response_rows(lp, batch)
 
 
 class ReferenceActor:
     """A frozen copy of the initial policy in its own process (``reference.colocate: false``)."""
 
-    def __init__(self, model_path: str, *, dtype: str, num_threads: int):
+    def __init__(self, model_path: str, *, dtype: str, num_threads: int, temperature: float = 1.0, top_p: float = 1.0):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -38,9 +39,11 @@ class ReferenceActor:
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
         self.model.to(self.device).eval().requires_grad_(False)
+        self.temperature, self.top_p = temperature, top_p  # the rollouts' sampling distribution
 
     def reference_logprobs(self, batch: TrainBatch) -> list[list[float]]:
-        return response_logprobs(self.model, batch, self.pad_id, self.device)
+        return response_logprobs(self.model, batch, self.pad_id, self.device, temperature=self.temperature,
+                                 top_p=self.top_p)
 
     def ready(self) -> int:
         return os.getpid()

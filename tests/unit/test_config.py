@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from actors.config import ChorusConfig, ConfigError, load_config, to_yaml
+from actors.config import ChorusConfig, ConfigError, load_config, loss_spec, to_yaml
+from learners.losses import LossSpec
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
 
@@ -64,8 +65,8 @@ def test_base_config_is_valid(tmp_path):
 
 
 def test_override_sets_value(tmp_path):
-    cfg = load_config(write(tmp_path, BASE), ["train.steps=7", "algo.dual_clip=3.0", "algo.phi=true"])
-    assert (cfg.train.steps, cfg.algo.dual_clip, cfg.algo.phi) == (7, 3.0, True)
+    cfg = load_config(write(tmp_path, BASE), ["train.steps=7", "algo.dual_clip=3.0", "algo.sft_weight=phi"])
+    assert (cfg.train.steps, cfg.algo.dual_clip, cfg.algo.sft_weight) == (7, 3.0, "phi")
 
 
 @pytest.mark.parametrize("key", ["model.foo", "train.stepz", "data.synthetic.alphabett", "bogus"])
@@ -91,12 +92,54 @@ def test_unknown_key_in_override(tmp_path, override, key):
     ("train.steps=abc", "train.steps"),
     ("train.steps=1.5", "train.steps"),
     ("algo.expert_ratio=abc", "algo.expert_ratio"),
-    ("algo.phi=maybe", "algo.phi"),
+    ("algo.recompute_logprobs=maybe", "algo.recompute_logprobs"),
     ("learner.betas=[a,b]", "learner.betas[0]"),
 ])
 def test_wrong_type_in_override(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         load_config(write(tmp_path, BASE), [override])
+
+
+@pytest.mark.parametrize("overrides, key, why", [
+    (["algo.kl_coef=0.1", "algo.kl_estimator=k1"], "algo.kl_estimator", "zero expected gradient"),
+    (["algo.is_correction=token-truncate"], "algo.is_correction", "recompute_logprobs: true"),
+    (["algo.advantage=rloo", "rollout.n=1"], "rollout.n", "n >= 2"),
+    (["algo.clip_eps=0.2", "algo.clip_eps_high=0.1"], "algo.clip_eps_high", "upper side only"),
+    (["algo.overlong_buffer=16", "rollout.max_new_tokens=16"], "algo.overlong_buffer", "last tokens of the budget"),
+    (["algo.dynamic_sampling=true", "rollout.n=1"], "algo.dynamic_sampling", "rollout.n >= 2"),
+])
+def test_algorithm_combinations_that_cannot_mean_what_they_say(tmp_path, overrides, key, why):
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}'") + ".*" + re.escape(why)):
+        load_config(write(tmp_path, BASE), overrides)
+
+
+def test_k1_is_accepted_in_the_reward_and_without_a_reference(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["algo.kl_coef=0.1", "algo.kl_estimator=k1", "algo.kl_penalty=reward"])
+    assert loss_spec(cfg).kl_coef == 0.0  # the penalty is in the reward, not the loss
+    load_config(write(tmp_path, BASE), ["algo.kl_estimator=k1"])  # kl_coef 0: no penalty anywhere
+
+
+def test_loss_spec_from_the_config(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), [
+        "algo.policy_loss=gspo", "algo.clip_eps=0.0003", "algo.clip_eps_high=0.0004", "algo.dual_clip=3.0",
+        "algo.loss_agg=seq-mean-token-sum-norm", "algo.sft_weight=phi", "algo.kl_coef=0.05", "algo.kl_estimator=k2",
+        "algo.recompute_logprobs=true", "algo.is_correction=seq-mask", "algo.is_cap=3.0", "rollout.temperature=0.7",
+        "rollout.top_p=0.9", "rollout.max_new_tokens=24"])
+    assert loss_spec(cfg) == LossSpec(
+        policy_loss="gspo", clip_low=0.0003, clip_high=0.0004, dual_clip=3.0, agg="seq-mean-token-sum-norm",
+        agg_norm=24.0, sft_weight="phi", kl_estimator="k2", kl_coef=0.05, is_correction="seq-mask", is_cap=3.0,
+        temperature=0.7, top_p=0.9)
+    # clip_eps_high null = symmetric; loss_agg_norm set = that constant
+    cfg = load_config(write(tmp_path, BASE), ["algo.clip_eps=0.1", "algo.loss_agg_norm=100"])
+    assert (loss_spec(cfg).clip_low, loss_spec(cfg).clip_high, loss_spec(cfg).agg_norm) == (0.1, 0.1, 100.0)
+
+
+@pytest.mark.parametrize("where", ["yaml", "override"])
+def test_renamed_key_says_what_replaces_it(tmp_path, where):
+    path = write(tmp_path, base_with("algo.phi", "true") if where == "yaml" else BASE)
+    with pytest.raises(ConfigError, match=r"'algo.phi' was renamed: use algo.sft_weight \(phi: true is sft_weight: "
+                                          r"phi"):
+        load_config(path, [] if where == "yaml" else ["algo.phi=true"])
 
 
 def test_wrong_type_in_yaml(tmp_path):
@@ -126,7 +169,24 @@ def test_bad_choice_in_yaml(tmp_path):
     ("algo.expert_ratio=1.0", "algo.expert_ratio"),
     ("algo.mu_peak=1.5", "algo.mu_peak"),
     ("reward.functions=[]", "reward.functions"),
-    ("rollout.temperature=0.7", "rollout.temperature"),
+    ("rollout.temperature=0", "rollout.temperature"),
+    ("rollout.top_p=0", "rollout.top_p"),
+    ("rollout.top_p=1.5", "rollout.top_p"),
+    ("algo.advantage=ppo", "algo.advantage"),
+    ("algo.policy_loss=grpo", "algo.policy_loss"),
+    ("algo.loss_agg=mean", "algo.loss_agg"),
+    ("algo.kl_estimator=k4", "algo.kl_estimator"),
+    ("algo.kl_penalty=both", "algo.kl_penalty"),
+    ("algo.sft_weight=tis", "algo.sft_weight"),
+    ("algo.mu_schedule=step", "algo.mu_schedule"),
+    ("algo.is_correction=tis", "algo.is_correction"),
+    ("algo.is_cap=1.0", "algo.is_cap"),
+    ("algo.clip_eps=1.0", "algo.clip_eps"),
+    ("algo.clip_eps_high=0", "algo.clip_eps_high"),
+    ("algo.loss_agg_norm=0", "algo.loss_agg_norm"),
+    ("algo.max_sample_rounds=0", "algo.max_sample_rounds"),
+    ("algo.overlong_buffer=-1", "algo.overlong_buffer"),
+    ("algo.overlong_penalty=-0.5", "algo.overlong_penalty"),
     ("algo.dual_clip=0.5", "algo.dual_clip"),
     ("learner.zero_stage=4", "learner.zero_stage"),
     ("algo.mu_decay_steps=-1", "algo.mu_decay_steps"),

@@ -55,9 +55,9 @@ def test_preset_semantics_from_the_base():
     assert c["grpo"].algo.advantage == "grpo" and c["ppo"].algo.advantage == "gae"
     assert _mu(ROOT / "configs/sft_then_rl.yaml", [0, 29, 30, 99]) == [1.0, 1.0, 0.0, 0.0]
     mu = _mu(ROOT / "configs/chord_mu.yaml", [0, 30, 60, 99])
-    assert mu[0] == 0.5 and 0.02 < mu[1] < 0.5 and mu[2] == mu[3] == 0.02 and not c["chord_mu"].algo.phi
-    assert len(set(_mu(ROOT / "configs/chord_phi.yaml", [0, 50, 99]))) == 1 and c["chord_phi"].algo.phi
-    assert _mu(ROOT / "configs/chord.yaml", [0, 99]) == [0.5, 0.02] and c["chord"].algo.phi
+    assert mu[0] == 0.5 and 0.02 < mu[1] < 0.5 and mu[2] == mu[3] == 0.02 and c["chord_mu"].algo.sft_weight == "nll"
+    assert len(set(_mu(ROOT / "configs/chord_phi.yaml", [0, 50, 99]))) == 1 and c["chord_phi"].algo.sft_weight == "phi"
+    assert _mu(ROOT / "configs/chord.yaml", [0, 99]) == [0.5, 0.02] and c["chord"].algo.sft_weight == "phi"
     # the base model's pretraining: pure SFT on six families, evaluated on each and on the post-training target,
     # which is not in its corpus; the shipped card has the same families, in the same order
     pre = c["pretrain_base"]
@@ -77,9 +77,9 @@ def test_preset_semantics_from_scratch():
     assert c["grpo"].algo.advantage == "grpo" and c["ppo"].algo.advantage == "gae"
     assert _mu(d / "sft_then_rl.yaml", [0, 149, 150, 499]) == [1.0, 1.0, 0.0, 0.0]
     mu = _mu(d / "chord_mu.yaml", [0, 150, 300, 499])
-    assert mu[0] == 1.0 and 0.2 < mu[1] < 1.0 and mu[2] == mu[3] == 0.2 and not c["chord_mu"].algo.phi
-    assert len(set(_mu(d / "chord_phi.yaml", [0, 250, 499]))) == 1 and c["chord_phi"].algo.phi
-    assert _mu(d / "chord.yaml", [0, 499]) == [1.0, 0.2] and c["chord"].algo.phi
+    assert mu[0] == 1.0 and 0.2 < mu[1] < 1.0 and mu[2] == mu[3] == 0.2 and c["chord_mu"].algo.sft_weight == "nll"
+    assert len(set(_mu(d / "chord_phi.yaml", [0, 250, 499]))) == 1 and c["chord_phi"].algo.sft_weight == "phi"
+    assert _mu(d / "chord.yaml", [0, 499]) == [1.0, 0.2] and c["chord"].algo.sft_weight == "phi"
     assert c["reverse"].model.build and c["reverse"].data.synthetic.task == "reverse"
     c = {p.stem: load_config(p) for p in CONFIGS if p.parent.name == "configs"}
     # the structured-output quickstart: the json task, scored by json_schema, room for the longest answer

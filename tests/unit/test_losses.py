@@ -7,17 +7,49 @@ import math
 import pytest
 import torch
 
+from learners import losses
 from learners.losses import (
-    LOSS_AGGS,
-    aggregate,
-    chord_loss,
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    LossSpec,
     entropy_from_logits,
-    kl_penalty,
-    ppo_clip_loss,
-    sft_loss,
+    ref_log_ratio,
+    rl_loss,
     token_logprobs,
     value_loss,
 )
+
+LOSS_AGGS = AGGREGATIONS.names()
+
+
+# The hand arithmetic below is written against these keyword forms; each maps onto the registries and a LossSpec.
+def _spec(*, clip_eps: float = 0.2, phi: bool = False, **kw) -> LossSpec:
+    return LossSpec(clip_low=clip_eps, clip_high=clip_eps, sft_weight="phi" if phi else "nll", **kw)
+
+
+def aggregate(x, mask, agg: str = "token-mean", **counts):
+    return AGGREGATIONS[agg](x, mask, **counts)
+
+
+def kl_penalty(logprobs, ref_logprobs, mask, estimator: str = "k3"):
+    return KL_ESTIMATORS[estimator](ref_log_ratio(logprobs, ref_logprobs, mask))
+
+
+def ppo_clip_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, behaviour_logprobs=None,
+                  n_tokens=None, n_seqs=None, **spec):
+    return rl_loss(logprobs, old_logprobs, advantages, mask, _spec(**spec), ref_logprobs=ref_logprobs,
+                   behaviour_logprobs=behaviour_logprobs, n_tokens=n_tokens, n_seqs=n_seqs)
+
+
+def sft_loss(logprobs, mask, *, phi: bool = False, n_tokens=None):
+    return losses.sft_loss(logprobs, mask, _spec(phi=phi), n_tokens=n_tokens)
+
+
+def chord_loss(logprobs, old_logprobs, advantages, mask, is_expert, *, mu, ref_logprobs=None,
+               behaviour_logprobs=None, n_rl_tokens=None, n_rl_seqs=None, n_sft_tokens=None, **spec):
+    return losses.chord_loss(logprobs, old_logprobs, advantages, mask, is_expert, _spec(**spec), mu=mu,
+                             ref_logprobs=ref_logprobs, behaviour_logprobs=behaviour_logprobs,
+                             n_rl_tokens=n_rl_tokens, n_rl_seqs=n_rl_seqs, n_sft_tokens=n_sft_tokens)
 
 ATOL_EXACT = 1e-12  # float64 arithmetic, exact up to rounding
 ATOL_F32 = 1e-6  # float32 results
@@ -134,8 +166,10 @@ def test_aggregate_rows_without_tokens_are_not_sequences():
 
 
 def test_aggregate_rejects_unknown_mode():
-    with pytest.raises(ValueError, match="unknown loss aggregation 'seq-sum'"):
+    with pytest.raises(KeyError, match="unknown loss aggregation 'seq-sum'"):
         aggregate(t64(_AGG_X), t64(_AGG_MASK), "seq-sum")
+    with pytest.raises(ValueError, match="LossSpec.agg: unknown loss aggregation 'seq-sum'"):
+        LossSpec(agg="seq-sum")
 
 
 # --- kl_penalty -------------------------------------------------------------------------------------------------
@@ -226,8 +260,10 @@ def test_kl_penalty_is_an_unbiased_estimate_of_kl_current_to_reference(estimator
 
 def test_kl_penalty_rejects_unknown_estimator():
     x = t64([[-1.0]])
-    with pytest.raises(ValueError, match="unknown KL estimator 'k2'"):
-        kl_penalty(x, x, torch.ones_like(x), "k2")
+    with pytest.raises(KeyError, match="unknown KL estimator 'k4'"):
+        kl_penalty(x, x, torch.ones_like(x), "k4")
+    with pytest.raises(ValueError, match="LossSpec.kl_estimator: unknown KL estimator 'k4'"):
+        LossSpec(kl_estimator="k4")
 
 
 # --- ppo_clip_loss ----------------------------------------------------------------------------------------------
@@ -724,7 +760,7 @@ def test_value_loss_aggregations_by_hand():
     _, metrics = value_loss(values, old, returns, mask, clip_eps=0.2, agg="seq-mean-token-sum")
     close(metrics["value_loss"], 0.8425)
     close(metrics["value_clip_frac"], 0.5)
-    with pytest.raises(ValueError, match="unknown loss aggregation"):
+    with pytest.raises(KeyError, match="unknown loss aggregation 'mean'"):
         value_loss(values, old, returns, mask, agg="mean")
 
 

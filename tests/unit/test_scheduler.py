@@ -7,7 +7,8 @@ import math
 import pytest
 
 from actors.config import AlgoConfig
-from actors.scheduler import Scheduler, drop_failed_groups, mu_at, num_expert_rows
+from actors.scheduler import Scheduler, drop_failed_groups, num_expert_rows, uniform_groups
+from learners.schedules import MU_SCHEDULES, mu_at, mu_linear
 from rollout.types import Scored
 
 
@@ -121,3 +122,32 @@ def test_drop_failed_groups_edge_cases():
     assert drop_failed_groups([], 4) == ([], [])
     with pytest.raises(ValueError, match="groups of 3"):
         drop_failed_groups(_scored([[]] * 4), 3)
+
+
+def test_mu_linear_by_hand():
+    # W = 2 warmup, H = 1 hold at 0.5, then D = 4 straight down to 0.1: 0.4 / 4 = 0.1 a step
+    kw = dict(mu_peak=0.5, mu_valley=0.1, warmup_steps=2, hold_steps=1, decay_steps=4)
+    expected = [0.0, 0.25, 0.5, 0.5, 0.4, 0.3, 0.2, 0.1, 0.1]  # steps 0..8: warmup, hold, decay (s = 0..3), valley
+    for step, mu in enumerate(expected):
+        assert math.isclose(mu_linear(step, **kw), mu, abs_tol=1e-12), step
+
+
+def test_scheduler_takes_mu_from_the_configured_schedule():
+    assert MU_SCHEDULES.names() == ("cosine", "linear")
+    # step 5 of a 0.5 -> 0.1 decay over 4 steps starting at step 3: cosine 0.1 + 0.4 * (1 + cos(pi / 2)) / 2 = 0.3,
+    # linear 0.5 - 0.4 * 2 / 4 = 0.3 too, so look at step 4 (s = 1): cosine 0.1 + 0.2 * (1 + cos(pi / 4)) = 0.4414214,
+    # linear 0.4
+    base = dict(mu_peak=0.5, mu_valley=0.1, mu_warmup_steps=2, mu_hold_steps=1, mu_decay_steps=4)
+    cos = Scheduler(AlgoConfig(**base, mu_schedule="cosine"), 4, 10, 10, 0)
+    lin = Scheduler(AlgoConfig(**base, mu_schedule="linear"), 4, 10, 10, 0)
+    assert math.isclose(cos.mu(4), 0.1 + 0.2 * (1 + math.cos(math.pi / 4)), abs_tol=1e-12)
+    assert math.isclose(lin.mu(4), 0.4, abs_tol=1e-12)
+
+
+def test_uniform_groups_are_those_with_one_reward():
+    # groups of 3: [1, 1, 1] all right, [0, 1, 0] spread, [0, 0, 0] all wrong, [0.5, 0.5, 0.25] spread
+    totals = [1, 1, 1, 0, 1, 0, 0, 0, 0, 0.5, 0.5, 0.25]
+    assert uniform_groups([Scored(t) for t in totals], 3) == [0, 2]
+    assert uniform_groups([Scored(1.0)] * 2, 1) == [0, 1]  # a group of one is always uniform (refused in config)
+    with pytest.raises(ValueError, match="do not split into groups of 3"):
+        uniform_groups([Scored(0.0)] * 4, 3)
