@@ -14,6 +14,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.internals import ray_actor_entry
+
 log = logging.getLogger("chorus")
 
 
@@ -184,9 +186,7 @@ class ActorGroup:
     def _alive(self, k: int) -> bool:
         """Whether actor ``k`` is up (not being restarted), from the cluster's actor table; True if unknown."""
         try:
-            from ray._private import state
-
-            return state.actors(actor_id=self.actors[k]._actor_id.hex()).get("State") == "ALIVE"
+            return ray_actor_entry(self.actors[k]).get("State") == "ALIVE"
         except Exception:  # noqa: BLE001 - a private API: then every late call is killed
             return True
 
@@ -195,9 +195,7 @@ class ActorGroup:
         """Processes Ray restarted for this group's actors, from the cluster's actor table (so a restart between
         two calls counts too); the new processes seen by calls if that table cannot be read."""
         try:
-            from ray._private import state  # the GCS actor table; ray.util.state needs the dashboard
-
-            return sum(int(state.actors(actor_id=a._actor_id.hex()).get("NumRestarts", 0)) for a in self.actors)
+            return sum(int(ray_actor_entry(a).get("NumRestarts", 0)) for a in self.actors)
         except Exception:  # noqa: BLE001 - a private API: fall back to what the calls saw
             return self._pid_restarts
 

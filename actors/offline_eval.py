@@ -24,7 +24,7 @@ def evaluate_model(cfg: ChorusConfig, model_dir: str) -> dict[str, dict[str, flo
     from transformers import AutoTokenizer
 
     from actors import pools
-    from actors.driver import generate
+    from actors.rollouts import generate
 
     if not (Path(model_dir) / "config.json").is_file():
         what = "does not exist" if not Path(model_dir).exists() else "holds no config.json"

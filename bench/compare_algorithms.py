@@ -5,6 +5,7 @@ sorting letters that repeat, with retention sets of the base's other skills) and
     .venv/bin/pip install -e ".[bench]"          # matplotlib, for the plot
     .venv/bin/python bench/compare_algorithms.py --tasks base [--budget 12800] [--seeds 0 1 2] [--presets sft ...]
     .venv/bin/python bench/compare_algorithms.py --tasks random-init random-init-harder --budget 32000
+    .venv/bin/python bench/compare_algorithms.py --tasks base-rl --out docs/benchmarks/rl_core.md   # the RL core
     .venv/bin/python bench/compare_algorithms.py --resume runs/compare/STAMP/results.json   # after an interruption
 
 Every run trains on the same number of rows (on-policy samples + expert rows): a preset with 128 rows per step gets
@@ -15,9 +16,15 @@ the decayed rate). Each run evaluates its starting model, every ``steps // --eva
 set, and pass@k on the target where the preset samples for it. ``--presets`` reruns some presets of a task and
 keeps the saved runs of the others.
 
-Writes docs/benchmarks/algorithms.md and algorithms.png (accuracy against training rows), and keeps every task's
-results in algorithms.json, so a run of some tasks rewrites the report with the others' saved results; what the
-report has below its hand-written marker is kept.
+A preset is a config stem with overrides (``grpo_bf16`` is configs/grpo_tis.yaml without the correction); a task
+adds its own overrides to every preset (``base-rl``: 4 optimiser steps per rollout batch, so that the clip ranges and
+importance weights act on off-policy ratios; with one on-policy step the ratio is 1). Besides accuracy, each run
+keeps the means over its steps of clip_frac, DAPO's dynamic sampling (filtered groups, sampling rounds, samples
+generated per trained sample) and, where the learner recomputes log-probabilities, the engine/learner mismatch.
+
+Writes ``--out`` (docs/benchmarks/algorithms.md) and the same name's .png (accuracy against training rows), and keeps
+every task's results in the same name's .json, so a run of some tasks rewrites the report with the others' saved
+results; what the report has below its hand-written marker is kept.
 """
 
 from __future__ import annotations
@@ -30,14 +37,25 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = ("sft", "grpo", "ppo", "sft_then_rl", "chord_mu", "chord_phi", "chord")
-TASKS = {  # name -> (config of a preset, overrides)
-    "base": ("configs/{}.yaml", []),  # the pretrained base on sortrep (sorting letters that repeat) + retention
-    "random-init": ("configs/from_scratch/{}.yaml", []),  # a random 1.4M model reversing 3-5 letters of abcdef
+PRESETS = {  # name -> (config stem, overrides)
+    **{p: (p, []) for p in ("sft", "grpo", "ppo", "sft_then_rl", "chord_mu", "chord_phi", "chord",
+                             "dapo", "gspo", "grpo_tis")},
+    "grpo_bf16": ("grpo_tis", ["algo.is_correction=none"]),  # the bfloat16 engine's mismatch, uncorrected
+}
+MIXING = ("sft", "grpo", "ppo", "sft_then_rl", "chord_mu", "chord_phi", "chord")
+RL_CORE = ("grpo", "dapo", "gspo", "grpo_tis", "grpo_bf16")
+TASKS = {  # name -> (config of a preset, overrides, the presets run by default)
+    "base": ("configs/{}.yaml", [], MIXING),  # the pretrained base on sortrep (sorting letters that repeat) + retention
+    "base-rl": ("configs/{}.yaml", ["algo.mini_batches=4"], RL_CORE),  # the same, 4 optimiser steps per rollout batch
+    "random-init": ("configs/from_scratch/{}.yaml", [], MIXING),  # a random 1.4M model reversing 3-5 letters of abcdef
     "random-init-harder": ("configs/from_scratch/{}.yaml", [
         "data.synthetic.alphabet=abcdefgh", "data.synthetic.min_len=4", "data.synthetic.max_len=7",
-        "rollout.max_new_tokens=10"]),
+        "rollout.max_new_tokens=10"], MIXING),
 }
+FROM_BASE = ("base", "base-rl")  # tasks with retention sets
+STEP_MEANS = ("clip_frac", "filtered_groups", "sample_rounds", "mismatch_kl", "is_ratio", "is_weight",
+              "is_ratio_outside", "is_seq_outside")  # metrics.jsonl keys averaged over a run's steps
+MISMATCH = STEP_MEANS[3:]
 RENAMED = {"quickstart": "random-init", "harder": "random-init-harder"}  # names in results saved before the base
 TARGET = 0.9  # random-init tasks: rows and time to reach this accuracy
 NOTES = "<!-- hand-written below: kept when the report is rewritten -->"
@@ -71,8 +89,9 @@ def plan_run(preset: str, task: str, seed: int, budget: int, evals: int):
     """The preset's config with the most steps whose rows fit in ``budget``, schedules scaled to match."""
     from actors.config import load_config
 
-    path, overrides = TASKS[task]
-    cfg = load_config(ROOT / path.format(preset), overrides + [f"train.seed={seed}"])
+    path, overrides, _ = TASKS[task]
+    stem, variant = PRESETS[preset]
+    cfg = load_config(ROOT / path.format(stem), overrides + variant + [f"train.seed={seed}"])
     cfg.train.eval_at_start = True  # every curve starts at 0 rows
     steps = 10
     while True:
@@ -86,7 +105,10 @@ def plan_run(preset: str, task: str, seed: int, budget: int, evals: int):
 
 def run_one(cfg, run_dir: Path) -> dict:
     """One run; its curve holds a point per evaluation: training rows so far, the target's accuracy, each
-    retention set's accuracy, pass@k on the target (where sampled) and wall seconds of training so far."""
+    retention set's accuracy, pass@k on the target (where sampled) and wall seconds of training so far. ``step_means``
+    holds the means over its steps of STEP_MEANS (those it logs) and ``generated_per_trained``: on-policy samples
+    generated per on-policy sample trained on (above 1 with dynamic sampling: each round generates prompts_per_step
+    groups; filtered groups and a last round's surplus are not trained on)."""
     from actors.driver import Trainer
 
     trainer = Trainer(cfg, run_dir)
@@ -94,11 +116,12 @@ def run_one(cfg, run_dir: Path) -> dict:
         summary = trainer.run()
     finally:
         trainer.close()
-    samples, wall, curve = 0, 0.0, []
+    samples, wall, curve, steps = 0, 0.0, [], []
     for r in map(json.loads, (run_dir / "metrics.jsonl").open()):
         if not (r.get("initial") or r.get("final")):
             samples += r["samples"] + r["expert_rows"]
             wall += r["step_seconds"] + r.get("eval_seconds", 0.0)
+            steps.append(r)
         if "eval_accuracy" in r:
             sets = {k.split("/")[1]: v for k, v in r.items() if k.startswith("eval/") and k.endswith("/accuracy")}
             sets.pop("target", None)
@@ -106,7 +129,12 @@ def run_one(cfg, run_dir: Path) -> dict:
             curve.append({"rows": samples, "accuracy": r["eval_accuracy"], "retention": sets, "pass": passk,
                           "wall": wall})
     reached = next((p for p in curve if p["accuracy"] >= TARGET), None)
-    return {"final": summary["final_eval_accuracy"], "curve": curve, "steps": cfg.train.steps,
+    means = {k: statistics.mean(vs) for k in STEP_MEANS if (vs := [r[k] for r in steps if r.get(k) is not None])}
+    trained = sum(r["samples"] for r in steps)
+    if trained:
+        group = cfg.algo.prompts_per_step * cfg.rollout.n
+        means["generated_per_trained"] = sum(r["sample_rounds"] * group for r in steps if r["samples"]) / trained
+    return {"final": summary["final_eval_accuracy"], "curve": curve, "steps": cfg.train.steps, "step_means": means,
             "reach_samples": reached["rows"] if reached else None, "reach_wall": reached["wall"] if reached else None,
             "reach_step": None if reached is None else round(reached["rows"] / max(1, curve[-1]["rows"])
                                                              * cfg.train.steps),
@@ -164,6 +192,41 @@ def _base_table(task: dict) -> list[str]:
     return lines
 
 
+def _pm_g(xs: list[float]) -> str:
+    """Mean ± sd with 4 significant digits, for metrics of any scale (is_ratio moves in the fourth)."""
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.4g} ± {sd:.2g}"
+
+
+def _step_tables(task: dict) -> list[str]:
+    """Means over each run's steps (then over seeds): clipping and DAPO's extra generation for every preset; the
+    engine/learner mismatch for the presets that measure it. Empty for runs saved before step means were kept."""
+    presets = {p: runs for p, runs in task["presets"].items() if all("step_means" in r for r in runs)}
+    if not presets:
+        return []
+
+    def cell(runs, key):
+        values = [r["step_means"].get(key) for r in runs]
+        return "-" if None in values else _pm_g(values)
+
+    lines = ["Means over each run's steps: the share of tokens the clip acted on, and what DAPO's dynamic sampling cost "
+             "(groups with all rewards equal filtered out, generation rounds, samples generated per sample trained on).",
+             "", "| preset | clip_frac | filtered groups per step | sampling rounds per step | generated per trained |",
+             "|---|---|---|---|---|"]
+    for preset, runs in presets.items():
+        lines.append(f"| {preset} | {cell(runs, 'clip_frac')} | {cell(runs, 'filtered_groups')} | "
+                     f"{cell(runs, 'sample_rounds')} | {cell(runs, 'generated_per_trained')} |")
+    measured = {p: runs for p, runs in presets.items() if all("mismatch_kl" in r["step_means"] for r in runs)}
+    if measured:
+        lines += ["", "Mismatch of a bfloat16 engine against a float32 learner, with and without TIS (means over each "
+                  "run's steps; rho = p_learner / p_engine per token, C = algo.is_cap):", "",
+                  "| preset | mismatch_kl | is_ratio | is_weight | is_ratio_outside | is_seq_outside |",
+                  "|---|---|---|---|---|---|"]
+        for preset, runs in measured.items():
+            lines.append("| " + " | ".join([preset] + [cell(runs, k) for k in MISMATCH]) + " |")
+    return lines + [""]
+
+
 def _scratch_table(task: dict) -> list[str]:
     lines = ["| preset | steps | final accuracy | steps to 0.9 | samples to 0.9 | wall s to 0.9 | wall s total |",
              "|---|---|---|---|---|---|---|"]
@@ -175,6 +238,8 @@ def _scratch_table(task: dict) -> list[str]:
 
 
 TITLES = {"base": "From the pretrained base: sorting letters that repeat, and what the base keeps",
+          "base-rl": "The RL core from the pretrained base: GRPO, DAPO, GSPO and a bfloat16 engine with and without "
+                     "TIS, 4 optimiser steps per rollout batch",
           "random-init": "From a random initialisation: string reversal",
           "random-init-harder": "From a random initialisation: a harder reversal (8 letters, strings of 4-7)"}
 
@@ -188,9 +253,10 @@ def write_report(results: dict, out: Path) -> None:
         lines += [f"## {TITLES[name]}", "",
                   f"`{task['command']}` on {task['date']}, {task['machine']}: {task['budget']} rows per run, seeds "
                   f"{task['seeds']}.", ""]
-        lines += _base_table(task) if name == "base" else _scratch_table(task)
+        lines += _base_table(task) if name in FROM_BASE else _scratch_table(task)
         lines.append("")
-    lines += ["![accuracy against training rows](algorithms.png)", ""]
+        lines += _step_tables(task)
+    lines += [f"![accuracy against training rows]({out.with_suffix('.png').name})", ""]
     notes = out.read_text().partition(NOTES)[2] if out.exists() else ""
     lines += [NOTES + notes.rstrip("\n") if notes.strip() else NOTES, ""]
     out.write_text("\n".join(lines))
@@ -210,9 +276,9 @@ def plot(results: dict, path: Path) -> None:
 
     panels = []  # (title, task, y of a curve point)
     for name in [t for t in TASKS if t in results]:
-        if name == "base":
-            panels += [("base: target (sortrep: sorting letters that repeat)", name, lambda p: p["accuracy"]),
-                       ("base: retention (mean of the other skills)", name, _retention)]
+        if name in FROM_BASE:
+            panels += [(f"{name}: target (sortrep: sorting letters that repeat)", name, lambda p: p["accuracy"]),
+                       (f"{name}: retention (mean of the other skills)", name, _retention)]
         else:
             panels.append((name, name, lambda p: p["accuracy"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
@@ -220,7 +286,7 @@ def plot(results: dict, path: Path) -> None:
         for preset, runs in results[name]["presets"].items():
             xs, ys = _curve(runs, key)
             ax.plot(xs, ys, marker="o", markersize=3, label=preset)
-        if name != "base":
+        if name not in FROM_BASE:
             ax.axhline(TARGET, color="grey", linewidth=0.8, linestyle="--")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training rows (samples + expert rows)")
@@ -252,7 +318,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=int, default=12800, help="training rows per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    parser.add_argument("--presets", nargs="+", choices=list(PRESETS),
+                        help="default: each task's own (base, random-init*: " + " ".join(MIXING) + "; base-rl: "
+                             + " ".join(RL_CORE) + ")")
     parser.add_argument("--tasks", nargs="+", default=["base"], choices=list(TASKS))
     parser.add_argument("--evals", type=int, default=6, help="evaluate every steps // EVALS steps (and at the start and the end)")
     parser.add_argument("--runs-dir", default="runs/compare")
@@ -282,19 +350,26 @@ def main() -> None:
     results: dict = {}
     if args.resume:
         results = json.loads(Path(args.resume).read_text())
-        for task in results.values():
-            if (task["budget"], task["seeds"]) != (args.budget, args.seeds):
+        for task in results.values():  # a shorter --seeds (its first seeds) drops the others' runs: out of time
+            if task["budget"] != args.budget or task["seeds"][:len(args.seeds)] != args.seeds:
                 raise SystemExit(f"{args.resume} was run with --budget {task['budget']} --seeds {task['seeds']}")
+            task["command"] = task["command"].replace(f"--seeds {' '.join(map(str, task['seeds']))}",
+                                                      f"--seeds {' '.join(map(str, args.seeds))}")
+            task["seeds"] = args.seeds
+            task["presets"] = {p: runs[:len(args.seeds)] for p, runs in task["presets"].items()}
         stamp = Path(args.resume).parent.name
         args.runs_dir = str(Path(args.resume).parent.parent)
     command = (f"python bench/compare_algorithms.py --tasks {' '.join(args.tasks)} --budget {args.budget} "
-               f"--seeds {' '.join(map(str, args.seeds))} --evals {args.evals}")
+               f"--seeds {' '.join(map(str, args.seeds))} --evals {args.evals}"
+               + (f" --presets {' '.join(args.presets)}" if args.presets else "")
+               + (f" --out {args.out}" if out != ROOT / "docs" / "benchmarks" / "algorithms.md" else ""))
     try:
         for task in args.tasks:
             entry = results.setdefault(task, {"budget": args.budget, "seeds": args.seeds, "machine": args.machine,
                                               "command": command, "presets": {}})
-            for preset in args.presets:
-                for seed in args.seeds[len(entry["presets"].get(preset, [])):]:  # runs go in seed order
+            # seed-major, so that an interrupted comparison has every preset at its first seeds
+            for seed, preset in ((s, p) for s in args.seeds for p in args.presets or TASKS[task][2]):
+                if len(entry["presets"].get(preset, [])) == args.seeds.index(seed):  # runs go in seed order
                     cfg = plan_run(preset, task, seed, args.budget, args.evals)
                     run_dir = Path(args.runs_dir) / stamp / f"{task}-{preset}-s{seed}"
                     shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted run left
@@ -304,7 +379,8 @@ def main() -> None:
                     kept = _retention(end)
                     print(f"{task:18s} {preset:12s} seed {seed}: target {run['curve'][0]['accuracy']:.3f} -> "
                           f"{run['final']:.3f}" + (f", retention {kept:.3f}" if kept is not None else "")
-                          + f", {run['wall']:.0f}s", flush=True)
+                          + f", {run['wall']:.0f}s, "
+                          + ", ".join(f"{k} {v:.3g}" for k, v in run["step_means"].items()), flush=True)
                     entry["date"] = time.strftime("%Y-%m-%d")
                     Path(args.runs_dir, stamp, "results.json").write_text(json.dumps(results, indent=1))
     finally:

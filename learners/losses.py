@@ -1,6 +1,9 @@
-"""Policy losses as pure functions of tensors.
+"""The learner's loss as pure functions of tensors: the registered parts (aggregations, KL estimators, policy losses,
+importance-sampling corrections, SFT token weights: learners/registry.py), the ``LossSpec`` that names the ones a run
+uses, and the losses that put them together (:func:`rl_loss`, :func:`sft_loss`, :func:`chord_loss`, and the critic's
+:func:`value_loss`).
 
-Every function returns ``(loss, metrics)``: ``loss`` is a scalar tensor with a graph, ``metrics`` a dict of
+Every loss returns ``(loss, metrics)``: ``loss`` is a scalar tensor with a graph, ``metrics`` a dict of
 detached scalar tensors (no ``.item()`` here: the learner reduces them once per step).
 
 Shapes: ``B`` rows, ``T`` response positions. ``mask`` is 1.0 on tokens that count (response tokens of the
@@ -60,7 +63,8 @@ class LossSpec:
     is_correction: str = "none"  # IS_CORRECTIONS: weight of each token for the engine/learner mismatch
     is_cap: float = 2.0  # C: the importance ratio's truncation (or mask) threshold
     temperature: float = 1.0  # the distribution the engines sampled from: logits / temperature, then the top-p
-    top_p: float = 1.0  #       nucleus; every log-probability the learner computes is on the same distribution
+    top_p: float = 1.0  #       nucleus; every log-probability the learner computes (the expert rows' and the
+    #                           reference's too) is on that distribution (learners/sampling.py)
 
     def __post_init__(self):
         for name, registry in (("policy_loss", POLICY_LOSSES), ("agg", AGGREGATIONS), ("sft_weight", SFT_WEIGHTS),

@@ -82,7 +82,9 @@ class VLLMBackend:
 
     def shutdown(self) -> None:
         """Stop the engine's processes cleanly: killed, they leave their shared-memory queues in /dev/shm."""
-        self.llm.llm_engine.engine_core.shutdown()
+        from actors.internals import vllm_shutdown
+
+        vllm_shutdown(self.llm)
 
 
 class HFBackend:

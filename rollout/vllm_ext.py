@@ -6,14 +6,17 @@ from __future__ import annotations
 
 class WeightSyncExtension:
     def chorus_load_weights(self, path: str) -> None:
-        """Load a safetensors file of HF-named weights in place. ``reload_weights`` (not ``model.load_weights``)
-        because the CPU linear layers repack their weights after the first forward pass."""
+        """Load a safetensors file of HF-named weights in place (actors/internals.py says how)."""
         from safetensors.torch import load_file
 
-        self.reload_weights(weights_iterator=iter(load_file(path).items()))
+        from actors.internals import vllm_reload_weights
+
+        vllm_reload_weights(self, iter(load_file(path).items()))
 
     def chorus_checksum(self) -> float:
         import torch
 
+        from actors.internals import vllm_worker_model
+
         with torch.no_grad():
-            return float(sum(p.double().sum() for p in self.model_runner.model.parameters()))
+            return float(sum(p.double().sum() for p in vllm_worker_model(self).parameters()))

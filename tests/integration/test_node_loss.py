@@ -25,9 +25,9 @@ STEPS = 12
 
 
 def _node_of(actor) -> str:
-    from ray._private import state
+    from actors.internals import ray_actor_entry
 
-    return state.actors(actor_id=actor._actor_id.hex())["Address"]["NodeID"]
+    return ray_actor_entry(actor)["Address"]["NodeID"]
 
 
 def test_run_completes_after_the_node_holding_its_actors_is_removed(tmp_path):

@@ -121,8 +121,7 @@ def test_drop_group_leaves_failed_groups_out_and_counts_them(trainer, caplog):
 
 def _engine_checksum(trainer) -> float:
     """The engines' weights once the queued loads are done (the trainer is async: step() queues its sync)."""
-    while getattr(trainer, "loads", None):  # set by run()
-        trainer.loads.popleft().result()
+    trainer.supply.finish()
     return trainer.rollouts.all(lambda a: a.checksum.remote())[0]
 
 
@@ -158,7 +157,7 @@ def test_reward_actor_killed_mid_run_is_restarted_and_its_scoring_retried(traine
     actor_pid = trainer.rewards.pids[0]
     reward_procs = children(actor_pid)
     assert reward_procs, "the reward actor has no reward process"
-    score = trainer._score
+    score = trainer.maker._score
 
     def kill_while_scoring(rows, responses):
         for pid in reward_procs:
@@ -166,10 +165,10 @@ def test_reward_actor_killed_mid_run_is_restarted_and_its_scoring_retried(traine
         threading.Timer(1.0, os.kill, (actor_pid, signal.SIGKILL)).start()
         return score(rows, responses)
 
-    monkeypatch.setattr(trainer, "_score", kill_while_scoring)
+    monkeypatch.setattr(trainer.maker, "_score", kill_while_scoring)
     plan = trainer.scheduler.plan(STEPS + 2)
     _engine_checksum(trainer)  # no weight load left in flight beside this step's generation
-    rollouts = trainer._rollouts(plan)  # trainer.step() = _learn(_rollouts(plan)): split to see the scores
+    rollouts = trainer.maker(plan)  # trainer.step() = _learn(maker(plan)): split to see the scores
     record = trainer._learn(rollouts)
     assert trainer.rewards.pids[0] != actor_pid
     assert wait_dead(reward_procs), "the old actor's reward process outlived it"

@@ -97,3 +97,17 @@ def test_float32_vllm_engine_agrees_with_the_learner_at_temperature_and_top_p(tm
     assert all(abs(r["is_ratio"] - 1.0) < 1e-3 for r in records)
     # so no sequence is masked and every weight (the sequence's ratio, the product of its tokens') is 1 to rounding
     assert all(r["is_seq_outside"] == 0.0 and abs(r["is_weight"] - 1.0) < 1e-3 for r in records), records
+
+
+@pytest.mark.parametrize("correction", ["token-mask", "seq-truncate"])
+def test_the_other_corrections_run_and_act(tmp_path, correction):
+    # a cap of 1.02 is tight enough that a bfloat16 engine's ratios cross it, so the correction acts
+    records = _run(tmp_path, ["train.steps=3", "rollout.backend=hf", "rollout.dtype=bfloat16",
+                              f"algo.is_correction={correction}", "algo.is_cap=1.02"])
+    _finite(records, "loss", "mismatch_kl", "is_ratio", "is_weight")
+    if correction == "token-mask":  # a masked token weighs 0 instead of its ratio: the mean weight falls below
+        assert sum(r["is_ratio_outside"] for r in records) > 0
+        assert all(r["is_weight"] < r["is_ratio"] for r in records if r["is_ratio_outside"] > 0)
+    else:  # every token weighs its sequence's ratio, truncated at C
+        assert sum(r["is_seq_outside"] for r in records) > 0
+        assert all(r["is_weight"] <= 1.02 + 1e-6 for r in records), [r["is_weight"] for r in records]

@@ -47,7 +47,7 @@ def trainer(tmp_path_factory):
 
 def _engine_vs_learner(trainer, prompts: list[list[int]]) -> tuple[float, int]:
     """Sample with the engine, recompute with the learner; max |difference| of the sampled tokens' logprobs."""
-    completions = trainer._generate(prompts, SamplingSpec(n=4, max_new_tokens=8, temperature=1.0))
+    completions = trainer.maker.sample(prompts, SamplingSpec(n=4, max_new_tokens=8, temperature=1.0))
     batch = TrainBatch(
         input_ids=[prompts[c.prompt_index] + c.token_ids for c in completions],
         prompt_lens=[len(prompts[c.prompt_index]) for c in completions],
