@@ -18,11 +18,14 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING
 
-from actors.config import RewardConfig
 from rewards.isolation import ProcessReward, RewardCallError, replace_surrogates
 from rewards.registry import isolation, load
 from rollout.types import Scored
+
+if TYPE_CHECKING:  # the config's section is passed in; rewards/ does not import actors/
+    from actors.config import RewardConfig
 
 log = logging.getLogger("chorus.rewards")
 

@@ -30,6 +30,9 @@ METRIC_NAMES = [
     "chorus_step_phase_seconds", "chorus_phase_seconds_total", "chorus_step_seconds", "chorus_queue_depth",
     "chorus_actor_restarts_total", "chorus_reward_failures_total", "chorus_reward_dropped_groups_total",
     "chorus_weight_sync_bytes_total", "chorus_weight_sync_seconds", "chorus_data_rows_skipped_total",
+    "chorus_dual_clip_fraction", "chorus_mismatch_kl", "chorus_is_ratio_mean", "chorus_is_weight_mean",
+    "chorus_is_outside_fraction", "chorus_filtered_groups_total", "chorus_sample_rounds",
+    "chorus_truncated_responses_total",
 ]
 
 

@@ -22,12 +22,16 @@ def test_light_modules_do_not_import_heavy_frameworks():
     assert out.strip() == "[]"
 
 
-def test_learners_do_not_import_the_actors_package():
-    """The maths sits below the driver: learners/ takes its config sections and loss spec as arguments, so the
-    driver's modules can import it without a cycle."""
+REWARDS = ["rewards.registry", "rewards.rules", "rewards.actor", "rewards.isolation", "rewards.similarity",
+           "rewards.structured", "rewards.checks", "rewards.execution", "rewards.sandbox", "rewards.judge"]
+
+
+def test_learners_and_rewards_do_not_import_the_actors_package():
+    """The maths and the rewards sit below the driver: they take their config sections and loss spec as arguments,
+    so the driver's modules can import them without a cycle."""
     code = (
         f"import sys, importlib\n"
-        f"for m in {LEARNERS!r}: importlib.import_module(m)\n"
+        f"for m in {LEARNERS + REWARDS!r}: importlib.import_module(m)\n"
         f"print(sorted(m for m in sys.modules if m == 'actors' or m.startswith('actors.')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -128,7 +128,8 @@ def test_the_alerts_cover_what_ops_asked_for():
     joined = "\n".join(text.values())
     for metric in ("chorus_step", 'chorus_reward_mean{component="total"}', "chorus_kl", "chorus_ref_kl",
                    "chorus_actor_restarts_total", "chorus_reward_failures_total", "chorus_samples_generated_total",
-                   "chorus_deadline_exceeded_total", "chorus_checkpoint_timestamp_seconds", "up{"):
+                   "chorus_deadline_exceeded_total", "chorus_checkpoint_timestamp_seconds", "chorus_mismatch_kl",
+                   "up{"):
         assert metric in joined, metric
     assert "by (job, instance, run, role)" in text["ChorusActorRestarts"]  # one alert per role
 
@@ -179,7 +180,9 @@ def test_dashboard_shows_what_ops_asked_for():
                    "chorus_weight_sync_bytes_total", "chorus_weight_sync_seconds", "chorus_actor_restarts_total",
                    "chorus_deadline_exceeded_total", "chorus_reward_failures_total",
                    "chorus_reward_dropped_groups_total", "chorus_data_rows_skipped_total", "chorus_checkpoint_step",
-                   "time() - chorus_checkpoint_timestamp_seconds"):
+                   "time() - chorus_checkpoint_timestamp_seconds", "chorus_mismatch_kl", "chorus_is_outside_fraction",
+                   "chorus_is_ratio_mean", "chorus_is_weight_mean", "chorus_dual_clip_fraction",
+                   "chorus_filtered_groups_total", "chorus_sample_rounds", "chorus_truncated_responses_total"):
         assert metric in exprs, metric
     stacked = [p for p in DASHBOARD["panels"] if "chorus_step_phase_seconds" in json.dumps(p.get("targets"))
                and p["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"]
