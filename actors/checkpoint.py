@@ -157,7 +157,8 @@ def check_resumable(cfg: ChorusConfig, checkpoint: Path) -> None:
     from actors.config import load_config
 
     try:
-        then = _flat(OmegaConf.to_container(OmegaConf.structured(load_config(checkpoint / "config.yaml"))))
+        then = _flat(OmegaConf.to_container(OmegaConf.structured(load_config(checkpoint / "config.yaml",
+                                                                             legacy=True))))
     except ConfigError as exc:  # written before a check that now refuses one of its values
         raise ConfigError(f"checkpoint {checkpoint.name}: the config it was written with no longer loads ({exc}); "
                           f"fix that key in {checkpoint / 'config.yaml'} to the value this run uses") from None

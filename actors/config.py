@@ -16,7 +16,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from learners.advantages import ADVANTAGES, AdvantageSpec
+from learners.advantages import ADVANTAGES, AdvantageSpec, needs_critic
 from learners.losses import AGGREGATIONS, IS_CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES, SFT_WEIGHTS, LossSpec
 from learners.schedules import MU_SCHEDULES
 from actors.evaluation import TARGET
@@ -243,22 +243,24 @@ class ChorusConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
+# Each key's allowed values; a registry (learners/registry.py) is asked when the config is checked, so a variant
+# registered by any module imported before then is a choice.
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "rollout.dtype": ("", "float32", "bfloat16", "float16"),
     "rollout.backend": tuple(BACKENDS),
     "learner.backend": ("", "gloo", "nccl"),
     "critic.backend": ("", "gloo", "nccl"),
-    "algo.advantage": ADVANTAGES.names(),
-    "algo.policy_loss": POLICY_LOSSES.names(),
-    "algo.sft_weight": SFT_WEIGHTS.names(),
-    "algo.mu_schedule": MU_SCHEDULES.names(),
-    "algo.is_correction": IS_CORRECTIONS.names(),
+    "algo.advantage": ADVANTAGES,
+    "algo.policy_loss": POLICY_LOSSES,
+    "algo.sft_weight": SFT_WEIGHTS,
+    "algo.mu_schedule": MU_SCHEDULES,
+    "algo.is_correction": IS_CORRECTIONS,
     "algo.kl_penalty": ("loss", "reward"),
     "reward.on_failure": ("fallback", "drop_group"),
     "data.on_bad_row": ("stop", "skip"),
-    "algo.loss_agg": AGGREGATIONS.names(),
-    "algo.kl_estimator": KL_ESTIMATORS.names(),
+    "algo.loss_agg": AGGREGATIONS,
+    "algo.kl_estimator": KL_ESTIMATORS,
     "data.synthetic.task": tuple(TASKS),
 }
 
@@ -291,8 +293,20 @@ def _check_lists(source: str, layer: DictConfig) -> None:
                 raise _error(source, exc) from None
 
 
-# Keys that were renamed: the error says what replaces them.
+# Keys that were renamed: the error says what replaces them, and a config written before (a checkpoint's) is
+# translated when loaded with ``legacy=True``: old key -> (new key, old value -> new value).
 _RENAMED = {"algo.phi": "algo.sft_weight (phi: true is sft_weight: phi; false is sft_weight: nll)"}
+_TRANSLATE = {("algo", "phi"): ("sft_weight", lambda phi: "phi" if phi else "nll")}
+
+
+def _translate(layer: DictConfig) -> DictConfig:
+    """A config written by an earlier chorus, its renamed keys under their new names."""
+    for (section, old), (new, convert) in _TRANSLATE.items():
+        part = layer.get(section) if isinstance(layer, DictConfig) else None
+        if isinstance(part, DictConfig) and old in part:
+            value = part.pop(old)
+            part.setdefault(new, convert(value))
+    return layer
 
 
 def _merge(cfg: DictConfig, layer, source: str) -> DictConfig:
@@ -307,8 +321,9 @@ def _merge(cfg: DictConfig, layer, source: str) -> DictConfig:
         raise _error(source, exc) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> ChorusConfig:
-    """Schema <- YAML file <- ``key=value`` overrides; returns a validated :class:`ChorusConfig` object."""
+def load_config(path: str | Path | None, overrides: list[str] = (), *, legacy: bool = False) -> ChorusConfig:
+    """Schema <- YAML file <- ``key=value`` overrides; returns a validated :class:`ChorusConfig` object. ``legacy``:
+    the file was written by an earlier chorus (a checkpoint's config.yaml): renamed keys are translated, not refused."""
     cfg: DictConfig = OmegaConf.structured(ChorusConfig)
     if path is not None:
         path = Path(path)
@@ -318,7 +333,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> ChorusCon
             layer = OmegaConf.load(path)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        cfg = _merge(cfg, layer, str(path))
+        cfg = _merge(cfg, _translate(layer) if legacy else layer, str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value")
@@ -483,6 +498,16 @@ def _check_algo(cfg: ChorusConfig) -> None:
     if a.dynamic_sampling and cfg.rollout.n < 2:
         raise ConfigError("config key 'algo.dynamic_sampling': a group of one sample has no reward spread; needs "
                           "rollout.n >= 2")
+    clip_high = a.clip_eps if a.clip_eps_high is None else a.clip_eps_high
+    if a.dual_clip is not None and a.dual_clip <= 1.0 + clip_high:
+        raise ConfigError(f"config key 'algo.dual_clip': must be > 1 + the upper clip ({1.0 + clip_high:g}); a cap "
+                          f"inside the clip range zeroes the gradient of ratios PPO keeps, got {a.dual_clip}")
+    if a.policy_loss == "gspo" and a.loss_agg != "seq-mean-token-mean":
+        raise ConfigError(f"config key 'algo.loss_agg': gspo's objective averages each sequence's tokens "
+                          f"(seq-mean-token-mean); {a.loss_agg} would weight its sequences by their length")
+    if a.dynamic_sampling and needs_critic(a.advantage):
+        raise ConfigError(f"config key 'algo.dynamic_sampling': it drops groups whose rewards are all equal, which "
+                          f"carry no signal only for group baselines (grpo, rloo), not for {a.advantage}")
     if a.clip_eps_high is not None and a.clip_eps_high < a.clip_eps:
         raise ConfigError(f"config key 'algo.clip_eps_high': must be >= algo.clip_eps ({a.clip_eps}), got "
                           f"{a.clip_eps_high} (clip-higher widens the upper side only)")

@@ -38,7 +38,7 @@ from actors.scheduler import Scheduler
 from actors.supply import AsyncRolloutSupply, RolloutSupply
 from learners.advantages import ADVANTAGES, needs_critic
 from learners.batch import OPTIONAL, TrainBatch, even_split, split_for_ranks
-from learners.losses import KL_ESTIMATORS, ref_log_ratio
+from learners.losses import kl_reward
 from rewards.registry import check_args, isolation
 from rollout.engine import weights_file
 from rollout.tiny import ensure_model
@@ -282,7 +282,7 @@ class Trainer(Recovery):
     def _record(self, rollouts: Rollouts, train: dict, sync_bytes: int, *, train_s: float, sync_s: float,
                 rollout_wait: float | None) -> dict:
         """The step's metrics.jsonl line: what it trained on, the learners' metrics, and where its time went."""
-        plan, rl_rows, scored = rollouts.plan, rollouts.rows, rollouts.scored
+        plan, rl_rows = rollouts.plan, rollouts.rows
         phase = dict.fromkeys(STEP_PHASES, 0.0)
         phase.update(rollouts.phase, train=train_s, sync=sync_s)
         total = train_s + sync_s
@@ -303,10 +303,8 @@ class Trainer(Recovery):
                   "step_seconds": total, **{f"{k}_seconds": v for k, v in phase.items()}}
         if rollout_wait is not None:
             record["rollout_wait_seconds"] = rollout_wait
-        if scored:
-            for name in dict.fromkeys(k for s in scored for k in s.components):  # a failed row lacks sub-components
-                values = [s.components[name] for s in scored if name in s.components]
-                record[f"reward/{name}"] = sum(values) / len(values)
+        record.update({f"reward/{name}": value for name, value in rollouts.reward_components.items()})
+        if rl_rows:
             record["response_tokens_mean"] = record["tokens"] / len(rl_rows)
         return record
 
@@ -371,9 +369,8 @@ class Trainer(Recovery):
             values = padded(rl.old_values)
         token_rewards = None
         if a.kl_penalty == "reward" and rl.ref_logprobs is not None:
-            # -kl_coef * KL estimate of each token the policy sampled, on the sampling policy's log-probabilities
-            log_r = ref_log_ratio(padded(rl.old_logprobs), padded(rl.ref_logprobs), mask)
-            token_rewards = -a.kl_coef * KL_ESTIMATORS[a.kl_estimator](log_r)
+            token_rewards = kl_reward(padded(rl.old_logprobs), padded(rl.ref_logprobs), mask, coef=a.kl_coef,
+                                      estimator=a.kl_estimator)
         adv, returns = ADVANTAGES[a.advantage](rewards, mask, self.advantage_spec, values=values,
                                                token_rewards=token_rewards)
         rl.advantages = [adv[b, :n].tolist() for b, n in enumerate(lengths)]

@@ -42,16 +42,6 @@ class Metrics:
                                        "(epochs x mini-batches per training step)", registry=r)
         self.entropy = Gauge("chorus_entropy", "Mean token entropy of the policy on RL tokens (nats)", registry=r)
         self.clip_frac = Gauge("chorus_clip_fraction", "Share of RL tokens whose ratio was clipped", registry=r)
-        self.dual_clip_frac = Gauge("chorus_dual_clip_fraction", "Share of RL tokens whose loss the dual clip capped "
-                                    "(A < 0, ratio far above 1; algo.dual_clip)", registry=r)
-        self.mismatch_kl = Gauge("chorus_mismatch_kl", "k3 estimate of KL(engine policy || learner policy) on RL "
-                                 "tokens, same weights (algo.recompute_logprobs)", registry=r)
-        self.is_ratio = Gauge("chorus_is_ratio_mean", "Mean importance ratio learner / engine probability of the RL "
-                              "tokens (algo.recompute_logprobs)", registry=r)
-        self.is_weight = Gauge("chorus_is_weight_mean", "Mean weight algo.is_correction gave the RL tokens", registry=r)
-        self.is_outside = Gauge("chorus_is_outside_fraction", "Share of RL tokens whose importance ratio (level=token) "
-                                "or whose sequence's ratio (level=seq) is outside [1/is_cap, is_cap]: truncated or "
-                                "masked by the matching algo.is_correction", ["level"], registry=r)
         self.grad_norm = Gauge("chorus_grad_norm", "Global gradient norm before clipping", registry=r)
         self.lr = Gauge("chorus_learning_rate", "Learning rate", registry=r)
         self.response_len = Gauge("chorus_response_length_tokens", "Mean response length (tokens)", registry=r)
@@ -83,18 +73,12 @@ class Metrics:
         self.dropped_groups = Counter("chorus_reward_dropped_groups_total", "Prompt groups left out of a step because "
                                       "a reward failed on one of their samples (reward.on_failure = drop_group)",
                                       registry=r)
-        self.filtered_groups = Counter("chorus_filtered_groups_total", "Prompt groups left out of a step because "
-                                       "their rewards were all equal (algo.dynamic_sampling)", registry=r)
-        self.sample_rounds = Gauge("chorus_sample_rounds", "Generation rounds the last step took to fill its groups "
-                                   "(1 without algo.dynamic_sampling)", registry=r)
-        self.truncated = Counter("chorus_truncated_responses_total", "Responses trained on that hit "
-                                 "rollout.max_new_tokens (left out of the loss with algo.overlong_filter)",
-                                 registry=r)
         self.skipped_rows = Counter("chorus_data_rows_skipped_total", "Malformed data rows left out at start "
                                     "(data.on_bad_row = skip), per data set", ["dataset"], registry=r)
         self.sync_bytes = Counter("chorus_weight_sync_bytes_total", "Bytes of weights pushed to rollout engines",
                                   registry=r)
         self.sync_seconds = Gauge("chorus_weight_sync_seconds", "Seconds of the last weight sync", registry=r)
+        self._rl_core(r)
         for phase in PHASES:
             self.phase.labels(phase)
             self.phase_total.labels(phase)
@@ -107,6 +91,29 @@ class Metrics:
             self.loss.labels(kind)
         self.server, self.thread = start_http_server(port, addr=host, registry=r)
         self.host, self.port = host, self.server.server_port
+
+    def _rl_core(self, r: CollectorRegistry) -> None:
+        """The RL core's own gauges: the dual clip, the engine/learner mismatch, dynamic sampling, truncation."""
+        self.dual_clip_frac = Gauge("chorus_dual_clip_fraction", "Share of RL tokens whose loss the dual clip capped "
+                                    "(A < 0, ratio far above 1; algo.dual_clip)", registry=r)
+        self.mismatch_kl = Gauge("chorus_mismatch_kl", "k3 estimate of KL(engine policy || learner policy) on RL "
+                                 "tokens (algo.recompute_logprobs): the same weights in synchronous mode; in async "
+                                 "mode the engine's are policy_lag versions older", registry=r)
+        self.is_ratio = Gauge("chorus_is_ratio_mean", "Mean importance ratio learner / engine probability of the RL "
+                              "tokens (algo.recompute_logprobs)", registry=r)
+        self.is_weight = Gauge("chorus_is_weight_mean", "Mean weight algo.is_correction gave the RL tokens", registry=r)
+        self.is_outside = Gauge("chorus_is_outside_fraction", "Share of RL tokens whose importance ratio (level=token) "
+                                "or whose sequence's ratio (level=seq) is outside [1/is_cap, is_cap]: truncated or "
+                                "masked by the matching algo.is_correction", ["level"], registry=r)
+        for level in ("token", "seq"):
+            self.is_outside.labels(level)
+        self.filtered_groups = Counter("chorus_filtered_groups_total", "Prompt groups left out of a step because "
+                                       "their rewards were all equal (algo.dynamic_sampling)", registry=r)
+        self.sample_rounds = Gauge("chorus_sample_rounds", "Generation rounds the last step took to fill its groups "
+                                   "(1 without algo.dynamic_sampling)", registry=r)
+        self.truncated = Counter("chorus_truncated_responses_total", "Responses trained on that hit "
+                                 "rollout.max_new_tokens (left out of the loss with algo.overlong_filter)",
+                                 registry=r)
 
     def observe_step(self, r: dict) -> None:
         """Export one step's record (the metrics.jsonl line) to the gauges and counters."""
@@ -133,8 +140,9 @@ class Metrics:
         self.filtered_groups.inc(r["filtered_groups"])
         self.truncated.inc(r["truncated_rows"])
         self.sample_rounds.set(r["sample_rounds"])
-        if r["samples"]:
+        if r["reward_mean"] is not None:
             self.reward.labels("total").set(r["reward_mean"])
+        if r["samples"]:
             self.response_len.set(r["response_tokens_mean"])
         for key, value in r.items():
             if key.startswith("reward/"):

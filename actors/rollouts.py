@@ -17,7 +17,7 @@ import torch
 from actors.config import ChorusConfig
 from actors.group import ActorGroup, Interrupted
 from actors.metrics import Metrics
-from actors.records import Rollouts, StepPlan
+from actors.records import Rollouts, StepPlan, component_means
 from actors.scheduler import drop_failed_groups, uniform_groups
 from learners.advantages import overlong_penalty
 from learners.batch import even_split
@@ -65,8 +65,10 @@ class RolloutMaker:
         Groups leave the step before advantages: with ``reward.on_failure = drop_group`` those whose reward failed on
         any sample; with ``algo.dynamic_sampling`` (DAPO) those whose rewards are all equal, which carry no GRPO signal,
         and more prompts are sampled in further rounds (up to ``algo.max_sample_rounds``) until the step has
-        ``prompts_per_step`` groups. The extra prompts of round r are drawn by (seed, step, r), not from the data
-        cursor, so a resumed run draws the same ones and async mode's planning ahead cannot change them."""
+        ``prompts_per_step`` groups. The extra prompts of round r are drawn by (seed, step, r) from the prompts the step
+        has not sampled yet, not from the data cursor, so a resumed run draws the same ones and async mode's planning
+        ahead cannot change them. ``reward_mean`` and ``reward_components`` are over every row sampled, those of the
+        groups left out included: the policy's reward, which filtering would inflate."""
         if self.stopping.is_set():
             raise Interrupted("rollouts")
         version, phase = self.engine_version(), {}
@@ -75,14 +77,18 @@ class RolloutMaker:
         a, n, want = self.cfg.algo, self.cfg.rollout.n, len(plan.prompt_ids)
         rows: list[tuple[list[int], Completion]] = []
         scored: list[Scored] = []
-        dropped, filtered, sampled, rounds, prompt_ids = [], 0, [], 0, plan.prompt_ids
+        dropped, filtered, rounds, prompt_ids = [], 0, 0, plan.prompt_ids
+        sampled: list[Scored] = []
+        used = set(prompt_ids)
         while True:
             got_rows, got_scored, got_dropped = self._sample_groups(plan.step, rounds, prompt_ids, phase)
             rounds += 1
             dropped += got_dropped
-            sampled += [s.total for s in got_scored]
+            sampled += got_scored
             if a.dynamic_sampling:
-                uniform = set(uniform_groups(got_scored, n))
+                # the task's reward decides, not the overlong penalty: a group all wrong but of several lengths has
+                # no signal about the task, and GRPO's std normalisation would blow its length gaps up to +-1
+                uniform = set(uniform_groups(got_scored, n, key=lambda s: s.total - s.components.get("overlong", 0.0)))
                 filtered += len(uniform)
                 keep = [i for i in range(len(got_rows)) if i // n not in uniform][: (want - len(rows) // n) * n]
                 got_rows, got_scored = [got_rows[i] for i in keep], [got_scored[i] for i in keep]
@@ -90,14 +96,19 @@ class RolloutMaker:
             scored += got_scored
             if not a.dynamic_sampling or len(rows) >= want * n or rounds >= a.max_sample_rounds:
                 break
+            fresh = [i for i in range(len(self.prompts)) if i not in used]
+            if not fresh:
+                break
             extra = random.Random(f"chorus-refill-{self.cfg.train.seed}-{plan.step}-{rounds}")
-            prompt_ids = extra.sample(range(len(self.prompts)), min(want, len(self.prompts)))
+            prompt_ids = extra.sample(fresh, min(want, len(fresh)))
+            used.update(prompt_ids)
         if a.dynamic_sampling and len(rows) < want * n:
             log.warning("step %d: %d of %d prompt groups with a reward spread after %d sampling rounds "
                         "(algo.max_sample_rounds); training on those", plan.step, len(rows) // n, want, rounds)
         rewards = torch.tensor([s.total for s in scored])
         return Rollouts(plan, rows, rewards, scored, version, phase, dropped, filtered=filtered, rounds=rounds,
-                        reward_mean=sum(sampled) / len(sampled) if sampled else None)
+                        reward_mean=sum(s.total for s in sampled) / len(sampled) if sampled else None,
+                        reward_components=component_means(sampled))
 
     def _sample_groups(self, step: int, round_: int, prompt_ids: list[int], phase: dict
                        ) -> tuple[list[tuple[list[int], Completion]], list[Scored], list[int]]:

@@ -57,12 +57,12 @@ def drop_failed_groups(scored: list[Scored], group_size: int) -> tuple[list[int]
     return kept, dropped
 
 
-def uniform_groups(scored: list[Scored], group_size: int) -> list[int]:
-    """``algo.dynamic_sampling``: the groups (rows g*G .. g*G + G - 1, one prompt's samples) whose totals are all
-    equal, all right or all wrong: their group-relative advantages are all 0, so they teach the policy nothing and
-    only dilute the step (DAPO, Yu et al. 2025, sec. 3.2). Ascending."""
+def uniform_groups(scored: list[Scored], group_size: int, key=lambda s: s.total) -> list[int]:
+    """``algo.dynamic_sampling``: the groups (rows g*G .. g*G + G - 1, one prompt's samples) whose rewards
+    (``key(scored)``, the total by default) are all equal, all right or all wrong: their group-relative advantages are
+    all 0, so they teach the policy nothing and only dilute the step (DAPO, Yu et al. 2025, sec. 3.2). Ascending."""
     if len(scored) % group_size:
         raise ValueError(f"{len(scored)} rows do not split into groups of {group_size}")
     return [g for g in range(len(scored) // group_size)
-            if len({s.total for s in scored[g * group_size : (g + 1) * group_size]}) == 1]
+            if len({key(s) for s in scored[g * group_size : (g + 1) * group_size]}) == 1]
 

@@ -69,8 +69,8 @@ def rloo(rewards: Tensor, mask: Tensor, spec: AdvantageSpec, *, values: Tensor |
     if G < 2:
         raise ValueError("rloo needs at least 2 samples per prompt (rollout.n)")
     r = _sequence_rewards(rewards, token_rewards, mask).view(-1, G)  # [N, G]
-    adv = (r.sum(1, keepdim=True) - r) / (G - 1)  # the others' mean
-    return (r - adv).reshape(-1).unsqueeze(-1) * mask, None
+    baseline = (r.sum(1, keepdim=True) - r) / (G - 1)  # the other samples' mean
+    return (r - baseline).reshape(-1).unsqueeze(-1) * mask, None
 
 
 @ADVANTAGES.register("gae")

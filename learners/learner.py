@@ -210,7 +210,8 @@ class LearnerActor(DeepSpeedRank):
 
         logits = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask).logits[:, :-1]  # [B, L-1, V]
         spec = self.spec
-        return logits, sampling_logprobs(logits, t.targets, temperature=spec.temperature, top_p=spec.top_p)
+        return logits, sampling_logprobs(logits, t.targets, temperature=spec.temperature, top_p=spec.top_p,
+                                         mask=t.mask)  # [B, L-1]
 
     def logprobs(self, batch: TrainBatch) -> list[list[float]]:
         """Log-probabilities of each row's response tokens under the current weights, on the sampling distribution:

@@ -127,6 +127,14 @@ def ref_log_ratio(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tenso
     return torch.where(mask > 0, ref_logprobs - logprobs, torch.zeros_like(logprobs))
 
 
+def kl_reward(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, *, coef: float, estimator: str) -> Tensor:
+    """``algo.kl_penalty: reward``: each token's reward -coef * k(log r), r = ref / policy, for tokens the policy
+    sampled (``logprobs``: the rollouts' own, [B, T]). Through the policy gradient this regularises KL(policy || ref)
+    with any estimator, k1 included (its value is unbiased; only its gradient as a loss term is 0). [B, T], 0 where
+    mask is 0."""
+    return -coef * KL_ESTIMATORS[estimator](ref_log_ratio(logprobs, ref_logprobs, mask)) * mask
+
+
 @KL_ESTIMATORS.register("k1")
 def kl_k1(log_r: Tensor) -> Tensor:
     return -log_r

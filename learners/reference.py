@@ -23,7 +23,7 @@ def response_logprobs(model, batch: TrainBatch, pad_id: int, device, *, temperat
     with torch.no_grad():
         t = collate(batch, pad_id, device)
         logits = model(input_ids=t.input_ids, attention_mask=t.attention_mask).logits[:, :-1]  # [B, L-1, V]
-        lp = sampling_logprobs(logits, t.targets, temperature=temperature, top_p=top_p)  # [B, L-1]
+        lp = sampling_logprobs(logits, t.targets, temperature=temperature, top_p=top_p, mask=t.mask)  # [B, L-1]
     return response_rows(lp, batch)
 
 

@@ -36,7 +36,8 @@ def nucleus_mask(scaled_logits: Tensor, top_p: float) -> Tensor:
     return remove_sorted.scatter(-1, order, remove_sorted)  # back to vocabulary order
 
 
-def sampling_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float, top_p: float) -> Tensor:
+def sampling_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float, top_p: float,
+                      mask: Tensor | None = None) -> Tensor:
     """log pi(tokens[b, t]) under the sampling distribution: [B, T, V], [B, T] -> [B, T] (float32).
 
         z = logits / temperature
@@ -55,6 +56,10 @@ def sampling_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float, top
 
     The nucleus is a selection, not a function with a useful gradient: it is computed on detached logits and
     applied as a mask. The gradient flows through the kept logits only (those outside N get zero).
+
+    Finding the nucleus sorts the vocabulary at each position: several [B, T, V] tensors. With ``mask`` ([B, T], the
+    positions whose log-probability is used) it is found at those positions only, so a learner's prompt positions
+    cost nothing; elsewhere the result is the tempered log-probability without the nucleus.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (greedy has no sampling distribution), got {temperature}")
@@ -63,7 +68,13 @@ def sampling_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float, top
     z = logits.float()  # [B, T, V]
     if temperature != 1.0:
         z = z / temperature  # float32 division, as both engines do it
-    if top_p < 1.0:
-        removed = nucleus_mask(z.detach(), top_p).scatter(-1, tokens.unsqueeze(-1), False)  # [B, T, V]
-        z = z.masked_fill(removed, float("-inf"))
-    return torch.gather(z.log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    if top_p == 1.0:
+        return torch.gather(z.log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    where = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask > 0  # [B, T]
+    zs, ts = z[where], tokens[where]  # [N, V], [N]: the positions asked about
+    removed = nucleus_mask(zs.detach(), top_p).scatter(-1, ts.unsqueeze(-1), False)  # [N, V]
+    picked = torch.gather(zs.masked_fill(removed, float("-inf")).log_softmax(-1), -1, ts.unsqueeze(-1)).squeeze(-1)
+    if mask is None:
+        return picked.view(tokens.shape)
+    out = torch.gather(z.log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, T] tempered, no nucleus
+    return out.masked_scatter(where, picked)

@@ -107,6 +107,9 @@ def test_wrong_type_in_override(tmp_path, override, key):
     (["algo.clip_eps=0.2", "algo.clip_eps_high=0.1"], "algo.clip_eps_high", "upper side only"),
     (["algo.overlong_buffer=16", "rollout.max_new_tokens=16"], "algo.overlong_buffer", "last tokens of the budget"),
     (["algo.dynamic_sampling=true", "rollout.n=1"], "algo.dynamic_sampling", "rollout.n >= 2"),
+    (["algo.policy_loss=gspo", "algo.loss_agg=token-mean"], "algo.loss_agg", "seq-mean-token-mean"),
+    (["algo.dual_clip=1.1", "algo.clip_eps_high=0.28"], "algo.dual_clip", "> 1 + the upper clip (1.28)"),
+    (["algo.dynamic_sampling=true", "algo.advantage=gae"], "algo.dynamic_sampling", "not for gae"),
 ])
 def test_algorithm_combinations_that_cannot_mean_what_they_say(tmp_path, overrides, key, why):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}'") + ".*" + re.escape(why)):
@@ -121,17 +124,50 @@ def test_k1_is_accepted_in_the_reward_and_without_a_reference(tmp_path):
 
 def test_loss_spec_from_the_config(tmp_path):
     cfg = load_config(write(tmp_path, BASE), [
-        "algo.policy_loss=gspo", "algo.clip_eps=0.0003", "algo.clip_eps_high=0.0004", "algo.dual_clip=3.0",
+        "algo.policy_loss=ppo", "algo.clip_eps=0.0003", "algo.clip_eps_high=0.0004", "algo.dual_clip=3.0",
         "algo.loss_agg=seq-mean-token-sum-norm", "algo.sft_weight=phi", "algo.kl_coef=0.05", "algo.kl_estimator=k2",
         "algo.recompute_logprobs=true", "algo.is_correction=seq-mask", "algo.is_cap=3.0", "rollout.temperature=0.7",
         "rollout.top_p=0.9", "rollout.max_new_tokens=24"])
     assert loss_spec(cfg) == LossSpec(
-        policy_loss="gspo", clip_low=0.0003, clip_high=0.0004, dual_clip=3.0, agg="seq-mean-token-sum-norm",
+        policy_loss="ppo", clip_low=0.0003, clip_high=0.0004, dual_clip=3.0, agg="seq-mean-token-sum-norm",
         agg_norm=24.0, sft_weight="phi", kl_estimator="k2", kl_coef=0.05, is_correction="seq-mask", is_cap=3.0,
         temperature=0.7, top_p=0.9)
     # clip_eps_high null = symmetric; loss_agg_norm set = that constant
     cfg = load_config(write(tmp_path, BASE), ["algo.clip_eps=0.1", "algo.loss_agg_norm=100"])
     assert (loss_spec(cfg).clip_low, loss_spec(cfg).clip_high, loss_spec(cfg).agg_norm) == (0.1, 0.1, 100.0)
+
+
+@pytest.mark.parametrize("phi, weight", [(True, "phi"), (False, "nll")])
+def test_a_checkpoint_config_with_a_renamed_key_still_loads_and_resumes(tmp_path, phi, weight):
+    """A checkpoint written before algo.phi became algo.sft_weight: its config.yaml translates, so the run resumes."""
+    from actors.checkpoint import check_resumable
+
+    old = tmp_path / "ckpt"
+    old.mkdir()
+    cfg = load_config(write(tmp_path, BASE), [f"algo.sft_weight={weight}"])
+    text = to_yaml(cfg).replace(f"sft_weight: {weight}", f"phi: {str(phi).lower()}")
+    assert "phi:" in text and "sft_weight" not in text
+    (old / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="was renamed"):
+        load_config(old / "config.yaml")  # a user's file says what to change
+    assert load_config(old / "config.yaml", legacy=True).algo.sft_weight == weight
+    check_resumable(cfg, old)  # same run: resumable
+    other = load_config(write(tmp_path, BASE), [f"algo.sft_weight={'nll' if phi else 'phi'}"])
+    with pytest.raises(ConfigError, match="'algo.sft_weight' was"):
+        check_resumable(other, old)
+
+
+def test_a_variant_registered_later_is_a_choice(tmp_path):
+    from learners.advantages import ADVANTAGES
+
+    with pytest.raises(ConfigError, match="'algo.advantage'"):
+        load_config(write(tmp_path, BASE), ["algo.advantage=test_median_baseline"])
+    ADVANTAGES.register("test_median_baseline")(lambda *a, **k: None)
+    try:
+        assert load_config(write(tmp_path, BASE), ["algo.advantage=test_median_baseline"]).algo.advantage \
+            == "test_median_baseline"
+    finally:
+        del ADVANTAGES._fns["test_median_baseline"]
 
 
 @pytest.mark.parametrize("where", ["yaml", "override"])

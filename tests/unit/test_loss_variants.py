@@ -18,6 +18,7 @@ from learners.losses import (
     SFT_WEIGHTS,
     LossSpec,
     chord_loss,
+    kl_reward,
     ref_log_ratio,
     rl_loss,
     sft_loss,
@@ -342,3 +343,14 @@ def test_kl_k2_by_hand():
     torch.testing.assert_close(k2.detach(), t64([[0.125, 0.5, 0.0]]), atol=ATOL, rtol=0)
     (grad,) = torch.autograd.grad(k2.sum(), logprobs)
     torch.testing.assert_close(grad, t64([[0.5, -1.0, 0.0]]), atol=ATOL, rtol=0)
+
+
+def test_kl_reward_by_hand():
+    # policy log p = [-1, -2, -3 (masked)], reference [-1.5, -1.0, 0]; k1 = -log r = log p - log ref = [0.5, -1.0]:
+    # coef 0.1 -> rewards [-0.05, 0.1, 0]: a token the policy likes more than the reference costs reward
+    logprobs, ref, mask = t64([[-1.0, -2.0, -3.0]]), t64([[-1.5, -1.0, 0.0]]), t64([[1.0, 1.0, 0.0]])
+    torch.testing.assert_close(kl_reward(logprobs, ref, mask, coef=0.1, estimator="k1"), t64([[-0.05, 0.1, 0.0]]),
+                               atol=ATOL, rtol=0)
+    # k3 = r - 1 - log r with log r = [-0.5, 1.0]: [0.1065307, 0.7182818] -> [-0.0106531, -0.0718282, 0]
+    torch.testing.assert_close(kl_reward(logprobs, ref, mask, coef=0.1, estimator="k3"),
+                               t64([[-0.1 * (e(-0.5) - 0.5), -0.1 * (e(1.0) - 2.0), 0.0]]), atol=ATOL, rtol=0)

@@ -136,3 +136,21 @@ def test_rejects_greedy_and_bad_top_p():
         sampling_logprobs(logits, tokens, temperature=0.0, top_p=1.0)
     with pytest.raises(ValueError, match="top_p"):
         sampling_logprobs(logits, tokens, temperature=1.0, top_p=0.0)
+
+
+def test_a_mask_limits_the_nucleus_to_the_positions_asked_about():
+    """Same values and gradients where the mask is 1; elsewhere the tempered log-probability without the nucleus."""
+    torch.manual_seed(3)
+    logits = (torch.randn(3, 5, 11) * 2).requires_grad_(True)
+    tokens = torch.randint(0, 11, (3, 5))
+    mask = (torch.rand(3, 5) > 0.4).float()
+    full = sampling_logprobs(logits, tokens, temperature=0.7, top_p=0.8)
+    part = sampling_logprobs(logits, tokens, temperature=0.7, top_p=0.8, mask=mask)
+    keep = mask > 0
+    assert keep.any() and (~keep).any()
+    assert torch.equal(part[keep], full[keep])
+    plain = torch.gather((logits / 0.7).log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(part[~keep], plain[~keep], atol=ATOL, rtol=0)
+    (g_full,) = torch.autograd.grad((full * mask).sum(), logits)
+    (g_part,) = torch.autograd.grad((part * mask).sum(), logits)
+    torch.testing.assert_close(g_part, g_full, atol=ATOL, rtol=0)
