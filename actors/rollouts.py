@@ -125,7 +125,7 @@ class RolloutMaker:
         phase["generate"] = phase.get("generate", 0.0) + time.perf_counter() - t
         rows = [self.prompts[prompt_ids[c.prompt_index]] for c in completions]
         t = time.perf_counter()
-        scored = self._score(rows, [c.text for c in completions])
+        scored = self.score(rows, [c.text for c in completions])
         phase["reward"] = phase.get("reward", 0.0) + time.perf_counter() - t
         if a.overlong_buffer:  # DAPO's soft overlong punishment, a component of the reward like any other
             penalty = overlong_penalty(torch.tensor([len(c.token_ids) for c in completions]),
@@ -147,7 +147,8 @@ class RolloutMaker:
         """``spec.n`` completions of each prompt from the engines (also what evaluations generate with)."""
         return generate(self.rollouts, prompts, spec, on_pending=self.metrics.queue.labels("rollout").set)
 
-    def _score(self, rows: list[dict], responses: list[str]):
+    def score(self, rows: list[dict], responses: list[str]) -> list[Scored]:
+        """The reward actors' scores of ``responses`` to ``rows``; failures counted and logged once per reward."""
         idx = chunks(list(range(len(rows))), len(self.rewards))
         results = self.rewards.map(
             lambda a, s: a.score.remote([rows[i]["prompt"] for i in s], [responses[i] for i in s], [rows[i] for i in s]),

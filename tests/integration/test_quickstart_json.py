@@ -31,8 +31,9 @@ def test_quickstart_json_schema_validity_rises(tmp_path):
     try:
         # the random model, sampled as in training and scored by the reward actor: no schema-valid JSON at all
         spec = SamplingSpec(n=cfg.rollout.n, max_new_tokens=cfg.rollout.max_new_tokens)
-        completions = trainer._generate(trainer.prompt_ids[:16], spec)
-        scored = trainer._score([trainer.prompts[c.prompt_index] for c in completions], [c.text for c in completions])
+        completions = trainer.maker.sample(trainer.prompt_ids[:16], spec)
+        scored = trainer.maker.score([trainer.prompts[c.prompt_index] for c in completions],
+                                     [c.text for c in completions])
         assert len(scored) == 16 * cfg.rollout.n
         assert all(s.components["json_schema.schema"] == 0.0 for s in scored)
         summary = trainer.run()

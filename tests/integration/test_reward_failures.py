@@ -157,7 +157,7 @@ def test_reward_actor_killed_mid_run_is_restarted_and_its_scoring_retried(traine
     actor_pid = trainer.rewards.pids[0]
     reward_procs = children(actor_pid)
     assert reward_procs, "the reward actor has no reward process"
-    score = trainer.maker._score
+    score = trainer.maker.score
 
     def kill_while_scoring(rows, responses):
         for pid in reward_procs:
@@ -165,7 +165,7 @@ def test_reward_actor_killed_mid_run_is_restarted_and_its_scoring_retried(traine
         threading.Timer(1.0, os.kill, (actor_pid, signal.SIGKILL)).start()
         return score(rows, responses)
 
-    monkeypatch.setattr(trainer.maker, "_score", kill_while_scoring)
+    monkeypatch.setattr(trainer.maker, "score", kill_while_scoring)
     plan = trainer.scheduler.plan(STEPS + 2)
     _engine_checksum(trainer)  # no weight load left in flight beside this step's generation
     rollouts = trainer.maker(plan)  # trainer.step() = _learn(maker(plan)): split to see the scores
