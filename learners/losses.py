@@ -132,7 +132,7 @@ def kl_reward(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, *, coef: flo
     sampled (``logprobs``: the rollouts' own, [B, T]). Through the policy gradient this regularises KL(policy || ref)
     with any estimator, k1 included (its value is unbiased; only its gradient as a loss term is 0). [B, T], 0 where
     mask is 0."""
-    return -coef * KL_ESTIMATORS[estimator](ref_log_ratio(logprobs, ref_logprobs, mask)) * mask
+    return -coef * KL_ESTIMATORS[estimator](ref_log_ratio(logprobs, ref_logprobs, mask))  # every k(0) is 0
 
 
 @KL_ESTIMATORS.register("k1")

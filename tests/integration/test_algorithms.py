@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from actors.config import load_config
+from tests.runs import train
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -19,22 +20,13 @@ STEPS = 40
 
 
 def _run(tmp_path: Path, overrides: list[str]) -> list[dict]:
-    from actors.driver import Trainer
-
     cfg = load_config(ROOT / "configs" / "from_scratch" / "reverse.yaml", [
         "algo.mu_peak=0", "algo.mu_valley=0", "algo.mu_decay_steps=0", "algo.expert_ratio=0",  # pure RL
         "learner.lr=1e-3", "learner.decay_steps=0", f"train.steps={STEPS}", "train.eval_every=0",
         "train.eval_max_rows=20", *overrides,
     ])
     cfg.reward.functions[0].name = "tests.integration.user_rewards:letters_from_prompt"
-    trainer = Trainer(cfg, tmp_path / "run")
-    try:
-        trainer.run()
-        import json
-
-        return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open() if '"final"' not in line]
-    finally:
-        trainer.close()
+    return train(cfg, tmp_path / "run")
 
 
 def _assert_learned(records: list[dict]) -> None:

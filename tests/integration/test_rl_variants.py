@@ -12,13 +12,13 @@ should, and that the records mean what they say.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 
 from actors.config import load_config
+from tests.runs import train
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -30,15 +30,7 @@ COMMON = [f"train.steps={STEPS}", "train.eval_every=0", "train.eval_max_rows=8",
 
 
 def _run(tmp_path: Path, overrides: list[str]) -> list[dict]:
-    from actors.driver import Trainer
-
-    cfg = load_config(ROOT / "configs" / "grpo.yaml", [*COMMON, *overrides])
-    trainer = Trainer(cfg, tmp_path / "run")
-    try:
-        trainer.run()
-        return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open() if '"final"' not in line]
-    finally:
-        trainer.close()
+    return train(load_config(ROOT / "configs" / "grpo.yaml", [*COMMON, *overrides]), tmp_path / "run")
 
 
 def _finite(records: list[dict], *keys: str) -> None:
