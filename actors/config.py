@@ -93,7 +93,7 @@ class RolloutConfig:
     max_model_len: int = 256
     tensor_parallel_size: int = 1  # vLLM tensor parallelism inside one actor (GPUs per actor)
     num_cpus: float = 0.5  # CPUs reserved per actor (placement bundle)
-    num_threads: int = 1  # torch / OpenMP threads per actor on CPU
+    num_threads: int = 0  # torch / OpenMP threads per actor on CPU; 0 = from the placement (actors/pools.py: thread_plan)
     kv_cache_gib: int = 1  # vLLM KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)
     gpu_memory_utilization: float = 0.5  # vLLM on GPU
     deadline_s: float = 1800.0  # one actor's generate call; past it the actor is killed, restarted and its work
@@ -137,7 +137,12 @@ class LearnerConfig:
     micro_batch_size: int = 64  # rows per forward/backward; the step accumulates over the rest
     num_cpus: float = 0.5
     num_gpus: Optional[float] = None  # GPUs per learner; None = 1 if the cluster has GPUs, else 0
-    num_threads: int = 1
+    num_threads: int = 0  # torch / OpenMP threads per rank on CPU; 0 = from the placement, as rollout.num_threads
+    autocast: str = ""  # "" = every product in model.dtype | bfloat16: forward passes under torch.autocast (matrix
+    #                     products in bfloat16; weights, gradients, AdamW state in float32): faster on CPUs with
+    #                     AVX512-BF16 or AMX and on GPUs, and a small engine/learner mismatch (algo.is_correction)
+    attention: str = ""  # attention kernel: eager | sdpa; "" = eager on a CPU (faster here for short rows), sdpa on
+    #                      a GPU
     backend: str = ""  # torch.distributed backend; "" = nccl with GPUs, gloo without
     deadline_s: float = 1800.0  # one optimiser step or weight save of the group; past it the group counts as failed
     #                             (train.max_learner_failures) and restarts from the last checkpoint (0 = none)
@@ -149,7 +154,7 @@ class ReferenceConfig:
     num_actors: int = 1  # separate reference actors (colocate: false)
     num_cpus: float = 0.5
     num_gpus: Optional[float] = None  # per separate reference actor; None = 1 if the cluster has GPUs, else 0
-    num_threads: int = 1
+    num_threads: int = 0  # 0 = from the placement, as rollout.num_threads
 
 
 @dataclass
@@ -250,6 +255,10 @@ _CHOICES = {
     "rollout.dtype": ("", "float32", "bfloat16", "float16"),
     "rollout.backend": tuple(BACKENDS),
     "learner.backend": ("", "gloo", "nccl"),
+    "learner.autocast": ("", "bfloat16"),
+    "critic.autocast": ("", "bfloat16"),
+    "learner.attention": ("", "eager", "sdpa"),
+    "critic.attention": ("", "eager", "sdpa"),
     "critic.backend": ("", "gloo", "nccl"),
     "algo.advantage": ADVANTAGES,
     "algo.policy_loss": POLICY_LOSSES,
@@ -390,7 +399,7 @@ _RULES = [
         "reward.num_actors", "learner.num_actors", "learner.micro_batch_size", "algo.prompts_per_step",
         "critic.num_actors", "critic.micro_batch_size", "reference.num_actors", "algo.epochs", "algo.mini_batches",
         "algo.max_sample_rounds",
-        "train.steps", "checkpoint.keep", *(f"{k}.num_threads" for k in _ACTORS),
+        "train.steps", "checkpoint.keep",
         "data.synthetic.min_len", "data.synthetic.num_prompts", "data.synthetic.num_eval",
         "data.tasks.num_prompts", "data.tasks.num_eval")),
     *((k, lambda v: v >= 0, ">= 0") for k in (
@@ -407,6 +416,7 @@ _RULES = [
     # 0 CPUs: the actor reserves none, which Ray can place only with a GPU in its bundle (checked at start,
     # actors/pools.py); reward actors never have one.
     *((f"{k}.num_cpus", lambda v: v >= 0, ">= 0 (0 = reserve no CPU, for an actor with a GPU)") for k in _ACTORS),
+    *((f"{k}.num_threads", lambda v: v >= 0, ">= 0 (0 = from the placement)") for k in _ACTORS),
     ("reward.num_cpus", lambda v: v > 0, "> 0"),
     ("ray.num_cpus", lambda v: v is None or v >= 1, ">= 1 (or null: all)"),
     *((f"{k}.num_gpus", lambda v: v is None or v >= 0, ">= 0 (or null: 1 if the cluster has GPUs, else 0)")
@@ -547,6 +557,11 @@ def validate(cfg: ChorusConfig) -> None:
         raise ConfigError(f"config key 'rollout.max_model_len': must be > rollout.max_new_tokens "
                           f"({cfg.rollout.max_new_tokens}), since the context holds the prompt and the response; "
                           f"got {cfg.rollout.max_model_len}")
+    for section in _LEARNERS:
+        if getattr(cfg, section).autocast and cfg.model.dtype != "float32":
+            raise ConfigError(f"config key '{section}.autocast': autocasts float32 weights to "
+                              f"{getattr(cfg, section).autocast}; with model.dtype {cfg.model.dtype} the weights "
+                              f"are not float32: set model.dtype float32 (mixed precision) or {section}.autocast ''")
     _check_synthetic(cfg)
     _check_tasks(cfg)
     for name in cfg.data.retention:

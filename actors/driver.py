@@ -183,6 +183,7 @@ class Trainer(Recovery):
                          log_to_driver=True)
 
     def _start_actors(self) -> None:
+        log.info(pools.describe_threads(self.cfg))
         self.learners, self.critic = pools.start_learners(self.cfg, self.model_path)
         self.references, self.rollouts, self.rewards = pools.start_pools(self.cfg, self.model_path, self.sync_dir)
         for group in (self.rollouts, self.rewards):  # their waits end when the run is asked to stop

@@ -23,9 +23,9 @@ def _value_model_class():
         """Transformer body of ``model_path`` + a linear head to one value per position, initialised to zero so
         that the critic starts by predicting 0 everywhere instead of noise."""
 
-        def __init__(self, model_path: str, dtype):
+        def __init__(self, model_path: str, dtype, attn_implementation: str):
             super().__init__()
-            self.body = AutoModel.from_pretrained(model_path, dtype=dtype)
+            self.body = AutoModel.from_pretrained(model_path, dtype=dtype, attn_implementation=attn_implementation)
             self.head = torch.nn.Linear(self.body.config.hidden_size, 1, dtype=dtype)
             torch.nn.init.zeros_(self.head.weight)
             torch.nn.init.zeros_(self.head.bias)
@@ -45,10 +45,16 @@ class CriticActor(DeepSpeedRank):
 
     def setup(self, master_addr: str, master_port: int) -> None:
         self._join(master_addr, master_port)
-        self._initialize(_value_model_class()(self.model_path, getattr(self.torch, self.dtype)))
+        from learners.reference import attention
+
+        self._initialize(_value_model_class()(self.model_path, getattr(self.torch, self.dtype),
+                                              attention(self.cfg.attention, self.device)))
 
     def _values(self, t):
-        return self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask)[:, :-1]  # [B, L-1]
+        from learners.reference import autocast
+
+        with autocast(self.device, self.cfg.autocast):
+            return self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask)[:, :-1]  # [B, L-1]
 
     def values(self, batch: TrainBatch) -> list[list[float]]:
         """V of the state before each response token, under the current critic: [B][L_i - P_i]."""

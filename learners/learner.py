@@ -83,7 +83,8 @@ class DeepSpeedRank:
             os.environ["DS_ACCELERATOR"] = "cpu"  # must be set before deepspeed is imported
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        torch.set_num_threads(self.cfg.num_threads)
+        if self.cfg.num_threads:  # 0: as actors/pools.py did not resolve it (a rank made by hand), torch's own
+            torch.set_num_threads(self.cfg.num_threads)
         torch.manual_seed(self.seed)
         import deepspeed
         from transformers import AutoTokenizer
@@ -197,7 +198,10 @@ class LearnerActor(DeepSpeedRank):
         self._join(master_addr, master_port)
         from transformers import AutoModelForCausalLM
 
-        load = partial(AutoModelForCausalLM.from_pretrained, self.model_path, dtype=getattr(self.torch, self.dtype))
+        from learners.reference import attention
+
+        load = partial(AutoModelForCausalLM.from_pretrained, self.model_path, dtype=getattr(self.torch, self.dtype),
+                       attn_implementation=attention(self.cfg.attention, self.device))
         self._initialize(load())
         self.ref_model = None
         if self.with_reference:
@@ -206,9 +210,12 @@ class LearnerActor(DeepSpeedRank):
     # --- forward passes ---------------------------------------------------------------------------------------
 
     def _forward(self, t):
+        from learners.reference import autocast
         from learners.sampling import sampling_logprobs
 
-        logits = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask).logits[:, :-1]  # [B, L-1, V]
+        with autocast(self.device, self.cfg.autocast):
+            logits = self.engine(input_ids=t.input_ids, attention_mask=t.attention_mask).logits[:, :-1]  # [B, L-1, V]
+        logits = logits.float()  # the log-softmax in float32 whatever the matrix products ran in
         spec = self.spec
         return logits, sampling_logprobs(logits, t.targets, temperature=spec.temperature, top_p=spec.top_p,
                                          mask=t.mask)  # [B, L-1]
@@ -220,14 +227,14 @@ class LearnerActor(DeepSpeedRank):
 
         self.engine.eval()
         return response_logprobs(self.engine, batch, self.pad_id, self.device, temperature=self.spec.temperature,
-                                 top_p=self.spec.top_p)
+                                 top_p=self.spec.top_p, precision=self.cfg.autocast)
 
     def reference_logprobs(self, batch: TrainBatch) -> list[list[float]]:
         """The same under the frozen reference (colocated: ``reference=True``)."""
         from learners.reference import response_logprobs
 
         return response_logprobs(self.ref_model, batch, self.pad_id, self.device, temperature=self.spec.temperature,
-                                 top_p=self.spec.top_p)
+                                 top_p=self.spec.top_p, precision=self.cfg.autocast)
 
     # --- one optimiser step -----------------------------------------------------------------------------------
 
@@ -248,7 +255,7 @@ class LearnerActor(DeepSpeedRank):
             with torch.no_grad():
                 rl_mask = t.mask * (~t.is_expert).float().unsqueeze(-1)
                 # of the tempered distribution the engines sample from (before the top-p nucleus)
-                entropy = entropy_from_logits(logits.float() / self.spec.temperature)  # [B, L-1]
+                entropy = entropy_from_logits(logits / self.spec.temperature)  # [B, L-1]
                 metrics["entropy"] = (entropy * rl_mask).sum() / max(n_rl_tokens, 1)
             return loss, metrics
 

@@ -60,8 +60,35 @@ def _child(model_dir: str, port: int, out) -> None:
     out.put({"lp": lp, "metrics": metrics, "after": after, "steps": steps})
 
 
-@pytest.fixture(scope="module")
-def result(tmp_path_factory):
+def _child_autocast(model_dir: str, port: int, out) -> None:
+    """The same step with ``learner.autocast: bfloat16``, next to a float32 learner's log-probabilities."""
+    import torch
+
+    from actors.config import LearnerConfig
+    from learners.learner import LearnerActor
+    from learners.losses import LossSpec
+    from learners.reference import response_logprobs
+
+    cfg = LearnerConfig(lr=1e-4, betas=[0.0, 0.999], grad_clip=0.0, micro_batch_size=8, autocast="bfloat16")
+    actor = LearnerActor(model_dir, cfg, LossSpec(clip_low=0.2, clip_high=0.2), dtype="float32", seed=0, rank=0,
+                         world_size=1, reference=True)
+    actor.setup("127.0.0.1", port)
+    names = ["up", "down", "expert"]
+    lp = dict(zip(names, actor.logprobs(_batch(names))))
+    fp32 = dict(zip(names, response_logprobs(actor.ref_model, _batch(names), actor.pad_id, "cpu")))  # no autocast
+    ref = dict(zip(names, actor.reference_logprobs(_batch(names))))
+    old = {"up": [x - 0.05 for x in lp["up"]], "down": [x + 0.05 for x in lp["down"]]}
+    batch = _batch(names, old, {"up": 1.0, "down": -1.0})
+    metrics = actor.train_step([batch], mu=MU, **batch.counts())
+    optimizer = actor.engine.optimizer
+    states = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
+    out.put({"lp": lp, "fp32": fp32, "ref": ref, "metrics": metrics,
+             "param_dtypes": sorted({str(p.dtype) for p in actor.engine.module.parameters()}),
+             "state_dtypes": sorted({str(v.dtype) for v in states}),
+             "master_dtypes": sorted({str(p.dtype) for g in optimizer.param_groups for p in g["params"]})})
+
+
+def _run(child, tmp_path_factory):
     from pathlib import Path
 
     from rollout.tiny import build_model
@@ -73,7 +100,7 @@ def result(tmp_path_factory):
         port = s.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")  # a process group of its own, away from the test process
     out = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(str(model), port, out))
+    proc = ctx.Process(target=child, args=(str(model), port, out))
     proc.start()
     try:
         return out.get(timeout=240)
@@ -81,6 +108,16 @@ def result(tmp_path_factory):
         proc.join(30)
         if proc.is_alive():
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    return _run(_child, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def autocast(tmp_path_factory):
+    return _run(_child_autocast, tmp_path_factory)
 
 
 def test_loss_is_one_minus_mu_rl_plus_mu_sft_with_the_behaviour_logprobs_as_old(result):
@@ -117,3 +154,21 @@ def test_each_term_moves_the_policy_the_right_way(result):
     after, before = result["after"], result["lp"]
     assert sum(after["up"]) > sum(before["up"]) and sum(after["down"]) < sum(before["down"])
     assert sum(after["expert"]) > sum(before["expert"])
+
+
+def test_autocast_computes_in_bfloat16_and_keeps_float32_weights_and_optimiser_state(autocast):
+    r = autocast
+    # every weight, its AdamW moments and the parameters the optimiser updates stay float32 (mixed precision)
+    assert r["param_dtypes"] == ["torch.float32"] and r["master_dtypes"] == ["torch.float32"]
+    assert r["state_dtypes"] == ["torch.float32"], r["state_dtypes"]
+    # the products ran in bfloat16: the log-probabilities differ from float32's, by bfloat16's rounding (8 bits of
+    # mantissa: a relative 4e-3 per product), not by a different model
+    diffs = [abs(a - b) for n in r["lp"] for a, b in zip(r["lp"][n], r["fp32"][n])]
+    assert 1e-5 < max(diffs) < 0.05, diffs
+    # the colocated reference computes as the learner does: the same weights give the same numbers
+    assert r["ref"] == r["lp"]
+    # the step's forward pass runs the same bfloat16 kernels as logprobs(): the ratios are exactly e^0.05 and e^-0.05,
+    # so the loss is the hand-computed one of test_loss_is_one_minus_mu_rl_plus_mu_sft_... to float32 rounding
+    rl = -(3 * math.exp(0.05) - 4 * math.exp(-0.05)) / 7
+    assert r["metrics"]["rl_loss"] == pytest.approx(rl, abs=1e-5)
+    assert r["metrics"]["sft_loss"] == pytest.approx(-sum(r["lp"]["expert"]) / 3, abs=1e-5)

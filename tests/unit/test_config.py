@@ -110,10 +110,24 @@ def test_wrong_type_in_override(tmp_path, override, key):
     (["algo.policy_loss=gspo", "algo.loss_agg=token-mean"], "algo.loss_agg", "seq-mean-token-mean"),
     (["algo.dual_clip=1.1", "algo.clip_eps_high=0.28"], "algo.dual_clip", "> 1 + the upper clip (1.28)"),
     (["algo.dynamic_sampling=true", "algo.advantage=gae"], "algo.dynamic_sampling", "not for gae"),
+    (["learner.autocast=bfloat16", "model.dtype=bfloat16"], "learner.autocast", "set model.dtype float32"),
+    (["critic.autocast=bfloat16", "model.dtype=float16"], "critic.autocast", "are not float32"),
 ])
 def test_algorithm_combinations_that_cannot_mean_what_they_say(tmp_path, overrides, key, why):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}'") + ".*" + re.escape(why)):
         load_config(write(tmp_path, BASE), overrides)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("learner.autocast=float16", "learner.autocast"),
+    ("learner.attention=flash", "learner.attention"),
+    ("rollout.num_threads=-1", "rollout.num_threads"),
+])
+def test_precision_attention_and_threads_are_checked(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
+        load_config(write(tmp_path, BASE), [override])
+    cfg = load_config(write(tmp_path, BASE), ["learner.autocast=bfloat16", "learner.attention=sdpa"])
+    assert (cfg.learner.autocast, cfg.learner.attention, cfg.rollout.num_threads) == ("bfloat16", "sdpa", 0)
 
 
 def test_k1_is_accepted_in_the_reward_and_without_a_reference(tmp_path):
@@ -260,9 +274,9 @@ def test_invalid_value_names_its_key(tmp_path, override, key):
     ("ray.num_cpus", 0, ">= 1", None),
     ("learner.num_gpus", -1.0, ">= 0", None),
     ("reference.num_gpus", float("inf"), "finite", None),
-    ("learner.num_threads", 0, ">= 1", None),
-    ("rollout.num_threads", 0, ">= 1", None),
-    ("reference.num_threads", -2, ">= 1", None),
+    ("learner.num_threads", -1, ">= 0 (0 = from the placement)", None),
+    ("rollout.num_threads", -1, ">= 0", None),
+    ("reference.num_threads", -2, ">= 0", None),
     ("rollout.kv_cache_gib", 0, ">= 1", None),
     ("rollout.max_model_len", 0, ">= 1", None),
     ("rollout.max_model_len", 16, "> rollout.max_new_tokens (16)", None),  # no room for the prompt
