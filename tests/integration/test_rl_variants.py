@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
 COMMON = [f"train.steps={STEPS}", "train.eval_every=0", "train.eval_max_rows=8", "train.eval_samples=0",
           "train.eval_at_start=false", "algo.prompts_per_step=4", "rollout.n=4", "rollout.temperature=0.7",
-          "rollout.top_p=0.9", "algo.recompute_logprobs=true", "checkpoint.every=0"]
+          "rollout.top_p=0.9", "algo.recompute_logprobs=true", "checkpoint.every=0",
+          "learner.autocast=''"]  # a float32 learner, against which each engine's precision is the variable
 
 
 def _run(tmp_path: Path, overrides: list[str]) -> list[dict]:
@@ -79,7 +80,8 @@ def test_bfloat16_engine_against_float32_learner_with_every_new_option(tmp_path)
 
 def test_float32_vllm_engine_agrees_with_the_learner_at_temperature_and_top_p(tmp_path):
     records = _run(tmp_path, [
-        "rollout.backend=vllm", "model.dtype=float32", "algo.is_correction=seq-mask", "algo.dual_clip=3.0",
+        "rollout.backend=vllm", "model.dtype=float32", "rollout.dtype=float32", "algo.is_correction=seq-mask",
+        "algo.dual_clip=3.0",
         "algo.kl_coef=0.05", "algo.kl_estimator=k2", "algo.loss_agg=seq-mean-token-sum-norm",
     ])
     assert len(records) == STEPS
