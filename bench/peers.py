@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -128,14 +129,14 @@ def run_chorus(model_dir: str, backend: str, precision: str, steps: int, skip: i
                  "checkpoint.every=0", *PRECISIONS[precision]]
     cmd = [str(ROOT / ".venv" / "bin" / "chorus"), "train", str(ROOT / "configs" / "grpo.yaml"), "--run-dir",
            str(run_dir), *overrides]
-    with (run_dir.parent / f"{run_dir.name}.log").open("w") as f:
+    log = run_dir.parent / f"{run_dir.name}.log"
+    with log.open("w") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     records = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if "step_seconds" in r][skip:]
     median = {k: statistics.median(r[f"{k}_seconds"] for r in records)
               for k in ("step", "generate", "reward", "train", "sync")}
-    log_text = (run_dir.parent / f"{run_dir.name}.log").read_text()
-    threads = next((line.split("threads per actor: ", 1)[1].split(" (synchronous")[0].split(" (async")[0]
-                    .replace(" (derived)", "") for line in log_text.splitlines() if "threads per actor: " in line), "?")
+    said = re.search(r"threads per actor: (.*?) \((?:synchronous|async)", log.read_text())
+    threads = said[1].replace(" (derived)", "") if said else "?"  # what the run logged it gave each actor
     tokens = statistics.mean(r["samples"] * prompt_tokens + r["tokens"] for r in records)  # trained per step
     flops = 6 * facts["matmul_params"] * tokens
     samples = statistics.mean(r["samples"] for r in records)

@@ -82,8 +82,7 @@ def main() -> None:
     trainer.train()
     with open(args.out, "w") as f:
         json.dump({"step_seconds": times.seconds, "generate_seconds": generate_seconds, "rows_per_step": rows,
-                   "bf16": args.bf16,
-                   "threads": args.threads, "torch": torch.__version__}, f)
+                   "bf16": args.bf16, "threads": args.threads, "torch": torch.__version__}, f)
 
 
 if __name__ == "__main__":

@@ -32,16 +32,22 @@ def _batch(names, old=None, adv=None):
                       is_expert=[n == "expert" for n in names])
 
 
-def _child(model_dir: str, port: int, out) -> None:
+def _learner(model_dir: str, port: int, *, autocast: str = "", reference: bool = False):
     from actors.config import LearnerConfig
     from learners.learner import LearnerActor
     from learners.losses import LossSpec
 
     # beta1 = 0: each update is the gradient scaled per parameter by a positive factor, so a small step moves a
     # log-probability the way its gradient says, whatever the previous steps were
-    cfg = LearnerConfig(lr=1e-4, betas=[0.0, 0.999], grad_clip=0.0, micro_batch_size=8)
-    actor = LearnerActor(model_dir, cfg, LossSpec(clip_low=0.2, clip_high=0.2), dtype="float32", seed=0, rank=0, world_size=1)
+    cfg = LearnerConfig(lr=1e-4, betas=[0.0, 0.999], grad_clip=0.0, micro_batch_size=8, autocast=autocast)
+    actor = LearnerActor(model_dir, cfg, LossSpec(clip_low=0.2, clip_high=0.2), dtype="float32", seed=0, rank=0,
+                         world_size=1, reference=reference)
     actor.setup("127.0.0.1", port)
+    return actor
+
+
+def _child(model_dir: str, port: int, out) -> None:
+    actor = _learner(model_dir, port)
     names = ["up", "down", "expert"]
     lp = dict(zip(names, actor.logprobs(_batch(names))))
     # behaviour log-probabilities 0.05 below / above the learner's: ratios e^0.05 and e^-0.05, inside the clip range
@@ -64,15 +70,9 @@ def _child_autocast(model_dir: str, port: int, out) -> None:
     """The same step with ``learner.autocast: bfloat16``, next to a float32 learner's log-probabilities."""
     import torch
 
-    from actors.config import LearnerConfig
-    from learners.learner import LearnerActor
-    from learners.losses import LossSpec
     from learners.reference import response_logprobs
 
-    cfg = LearnerConfig(lr=1e-4, betas=[0.0, 0.999], grad_clip=0.0, micro_batch_size=8, autocast="bfloat16")
-    actor = LearnerActor(model_dir, cfg, LossSpec(clip_low=0.2, clip_high=0.2), dtype="float32", seed=0, rank=0,
-                         world_size=1, reference=True)
-    actor.setup("127.0.0.1", port)
+    actor = _learner(model_dir, port, autocast="bfloat16", reference=True)
     names = ["up", "down", "expert"]
     lp = dict(zip(names, actor.logprobs(_batch(names))))
     fp32 = dict(zip(names, response_logprobs(actor.ref_model, _batch(names), actor.pad_id, "cpu")))  # no autocast
