@@ -465,7 +465,8 @@ class Trainer(Recovery):
         ``rollout.sync_dir`` on shared storage makes it multi-node (through the file system, not NCCL). The file is
         named ``next-*`` until the engines load it: an engine restarted meanwhile takes the version its peers hold."""
         path = os.path.join(self.sync_dir, "next-" + os.path.basename(weights_file(self.sync_dir, self.version)))
-        nbytes = self.learners.all(lambda a: a.save_weights.remote(path))[0]
+        dtype = self.cfg.rollout.dtype or self.cfg.model.dtype  # the engines'
+        nbytes = self.learners.all(lambda a: a.save_weights.remote(path, dtype))[0]
         self.metrics.sync_bytes.inc(nbytes * len(self.rollouts))
         return path, nbytes
 

@@ -1,6 +1,7 @@
 """chorus against TRL's GRPOTrainer: same machine, same model, same work per step, side by side in one run.
 
-    .venv/bin/python bench/peers.py [--models 1.4m 27m] [--backends hf vllm] [--out docs/benchmarks/peers.md]
+    .venv/bin/python bench/peers.py [--models 1.4m 27m] [--backends hf vllm] [--precisions fp32 bf16]
+                                    [--variants '' compiled] [--out docs/benchmarks/peers.md]
 
 Work per step, for every run: 8 prompts x 8 samples of at most 16 new tokens at temperature 1 (prompts of
 chorus's `sortrep` task family), an exact-match reward, one AdamW step at lr 1e-3 on all 64 samples, no KL term (so
@@ -13,9 +14,10 @@ this measures speed, not learning.
   only trades speed for memory), in float32 and with ``bf16=True``.
 - chorus runs ``chorus train configs/grpo.yaml`` (the user's path: Ray, the engines, DeepSpeed) with the overrides
   that make the same work, in float32 (learner and engines) and in bfloat16 (``learner.autocast=bfloat16``,
-  ``rollout.dtype=bfloat16``), on each rollout backend; threads per actor are the derived default.
+  ``rollout.dtype=bfloat16``), on each rollout backend, with the learner as configured and torch.compiled
+  (``learner.compile=true``, rows marked "compiled"); threads per actor are the derived default.
 
-Printed per run: the median step time after the warm-up steps (10 of 60 on the 1.4M model, 4 of 16 on the 27M),
+Printed per run: the median step time after the warm-up steps (10 of 60 on the 1.4M model, 8 of 24 on the 27M),
 samples/s, the ratio to TRL at the same
 precision, the phase split (TRL: its generate-and-score method against the rest), and chorus's model-FLOPs
 utilisation: 6 x matmul parameters x trained tokens (prompt + response) per train phase second, over this CPU's
@@ -42,10 +44,13 @@ sys.path.insert(0, str(ROOT))
 TRL_VENV = ROOT / ".bench" / "trl"
 TRL_PINS = ("torch==2.13.0", "trl==1.16.0")
 # recipe, steps, warm-up steps left out of the median (the first steps of every run are slower: allocators, caches)
-MODELS = {"1.4m": ("configs/models/tiny_llama.json", 60, 10), "27m": ("configs/models/llama_27m.json", 16, 4)}
+MODELS = {"1.4m": ("configs/models/tiny_llama.json", 60, 10), "27m": ("configs/models/llama_27m.json", 24, 8)}
 WORK = dict(prompts_per_step=8, n=8, max_new_tokens=16, lr=1e-3)
 PRECISIONS = {"fp32": ["learner.autocast=''", "rollout.dtype=float32"],
               "bf16": ["learner.autocast=bfloat16", "rollout.dtype=bfloat16"]}
+# chorus's learner as configured by default, and torch.compiled (learner.compile: off by default, as its first step
+# compiles for about a minute; the medians leave that step out)
+VARIANTS = {"": [], "compiled": ["learner.compile=true"]}
 
 
 def trl_python() -> Path:
@@ -119,14 +124,14 @@ def run_trl(python: Path, model_dir: str, prompts: Path, steps: int, skip: int, 
             "phases": {"generate+reward": gen, "train": step - gen} if gen is not None else {}}
 
 
-def run_chorus(model_dir: str, backend: str, precision: str, steps: int, skip: int, run_dir: Path, facts: dict,
+def run_chorus(model_dir: str, backend: str, settings: list[str], steps: int, skip: int, run_dir: Path, facts: dict,
                prompt_tokens: float) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [f"model.path={model_dir}", f"rollout.backend={backend}", f"rollout.n={WORK['n']}",
                  f"rollout.max_new_tokens={WORK['max_new_tokens']}", f"algo.prompts_per_step={WORK['prompts_per_step']}",
                  f"learner.lr={WORK['lr']}", "learner.decay_steps=0", "algo.kl_coef=0", f"train.steps={steps}",
                  "train.eval_every=0", "train.eval_at_start=false", "train.eval_samples=0", "train.eval_max_rows=8",
-                 "checkpoint.every=0", *PRECISIONS[precision]]
+                 "checkpoint.every=0", *settings]
     cmd = [str(ROOT / ".venv" / "bin" / "chorus"), "train", str(ROOT / "configs" / "grpo.yaml"), "--run-dir",
            str(run_dir), *overrides]
     log = run_dir.parent / f"{run_dir.name}.log"
@@ -166,6 +171,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--backends", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"])
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="chorus's learner: '' as configured, 'compiled' with learner.compile=true")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "peers"))
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "peers.md"))
     args = parser.parse_args()
@@ -198,11 +205,11 @@ def main() -> None:
             print(f"peers: {name} {label}", flush=True)
             out["runs"][label] = run_trl(python, model_dir, prompts, steps, skip, precision == "bf16",
                                          work / f"{name}-{label}.json")
-            for backend in args.backends:
-                label = f"chorus-{backend}-{precision}"
+            for backend, variant in ((b, v) for v in args.variants for b in args.backends):
+                label = f"chorus-{backend}-{precision}" + (f"-{variant}" if variant else "")
                 print(f"peers: {name} {label}", flush=True)
-                r = run_chorus(model_dir, backend, precision, steps, skip, work / f"{name}-{label}", facts,
-                               prompt_tokens)
+                r = run_chorus(model_dir, backend, [*PRECISIONS[precision], *VARIANTS[variant]], steps, skip,
+                               work / f"{name}-{label}", facts, prompt_tokens)
                 r["mfu"] = r["train_gflops"] / peak[precision]
                 r["vs_trl"] = r["samples_per_s"] / out["runs"][f"trl-{precision}"]["samples_per_s"]
                 out["runs"][label] = r

@@ -107,15 +107,22 @@ class DeepSpeedRank:
         import deepspeed
 
         cfg, torch = self.cfg, self.torch
+        # One rank has nothing to partition: ZeRO's gradient buckets would only copy (about 0.1 s of a 0.8 s step
+        # of the 27M model in bench/peers.py), so it trains unpartitioned; its checkpoints are then stage 0's.
+        self.zero_stage = cfg.zero_stage if self.world_size > 1 else 0
+        if cfg.compile:  # in place: the state dict keeps its names (weights out, checkpoints)
+            model.compile(dynamic=True)  # one graph for every row length and micro-batch size
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": 1,  # micro-batches are accumulated by hand in _step
             "gradient_clipping": cfg.grad_clip,
-            "zero_optimization": {"stage": cfg.zero_stage},
+            "zero_optimization": {"stage": self.zero_stage},
             "bf16": {"enabled": self.dtype == "bfloat16"},
             "fp16": {"enabled": self.dtype == "float16"},
+            # torch's AdamW, its fused kernel (one pass over the weights, CPU and GPU) rather than a loop of ops
             "optimizer": {"type": "AdamW", "params": {
-                "lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay, "torch_adam": True}},
+                "lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay, "torch_adam": True,
+                "fused": True}},
             "steps_per_print": 10**9,
         }
 
@@ -141,9 +148,14 @@ class DeepSpeedRank:
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + value
+        norm = None
+        if not hasattr(self.engine.optimizer, "_global_grad_norm"):  # torch's AdamW unwrapped (ZeRO stage 0, float32
+            #   weights): DeepSpeed keeps no norm of the gradients it clips, so it is taken here, of the reduced ones
+            norm = self.torch.nn.utils.get_total_norm(
+                [p.grad for p in self.engine.module.parameters() if p.grad is not None])
         self.engine.step()
         out = {name: float(value) for name, value in totals.items()}
-        out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        out["grad_norm"] = float(norm if norm is not None else self.engine.get_global_grad_norm() or 0.0)
         out["lr"] = lr
         return out
 
@@ -267,7 +279,7 @@ class LearnerActor(DeepSpeedRank):
         """HF-named full weights on the CPU; under ZeRO-3 every rank must call this (it gathers shards)."""
         torch = self.torch
         module = self.engine.module
-        if self.cfg.zero_stage == 3:
+        if self.zero_stage == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
@@ -275,13 +287,18 @@ class LearnerActor(DeepSpeedRank):
         with torch.no_grad():
             return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
 
-    def save_weights(self, path: str) -> int:
-        """Write the full weights to a safetensors file (rank 0) for the rollout engines; returns its bytes."""
+    def save_weights(self, path: str, dtype: str = "") -> int:
+        """Write the full weights to a safetensors file (rank 0) for the rollout engines, in ``dtype`` (theirs; "" =
+        as trained); returns its bytes. Rounded here as the engine would round them on loading, in half the bytes
+        for bfloat16 engines of a float32 learner."""
         from safetensors.torch import save_file
 
         state = self._full_state_dict()
         if self.rank != 0:
             return 0
+        if dtype:
+            target = getattr(self.torch, dtype)
+            state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
         tmp = f"{path}.tmp"
         save_file(state, tmp)
         os.replace(tmp, path)  # engines never see a half-written file

@@ -32,14 +32,15 @@ def _batch(names, old=None, adv=None):
                       is_expert=[n == "expert" for n in names])
 
 
-def _learner(model_dir: str, port: int, *, autocast: str = "", reference: bool = False):
+def _learner(model_dir: str, port: int, *, autocast: str = "", reference: bool = False, compile: bool = False):
     from actors.config import LearnerConfig
     from learners.learner import LearnerActor
     from learners.losses import LossSpec
 
     # beta1 = 0: each update is the gradient scaled per parameter by a positive factor, so a small step moves a
     # log-probability the way its gradient says, whatever the previous steps were
-    cfg = LearnerConfig(lr=1e-4, betas=[0.0, 0.999], grad_clip=0.0, micro_batch_size=8, autocast=autocast)
+    cfg = LearnerConfig(lr=1e-4, betas=[0.0, 0.999], grad_clip=0.0, micro_batch_size=8, autocast=autocast,
+                        compile=compile)
     actor = LearnerActor(model_dir, cfg, LossSpec(clip_low=0.2, clip_high=0.2), dtype="float32", seed=0, rank=0,
                          world_size=1, reference=reference)
     actor.setup("127.0.0.1", port)
@@ -63,7 +64,26 @@ def _child(model_dir: str, port: int, out) -> None:
         b = _batch([name], {name: current}, {name: adv})  # on-policy: old = current, ratio 1
         actor.train_step([b], mu=mu, **b.counts())
         steps[name] = sum(actor.logprobs(_batch([name]))[0]) - sum(current)
-    out.put({"lp": lp, "metrics": metrics, "after": after, "steps": steps})
+    optimizer = actor.engine.optimizer
+    out.put({"lp": lp, "metrics": metrics, "after": after, "steps": steps, "zero_stage": actor.zero_stage,
+             "engine_zero_stage": actor.engine.zero_optimization_stage(), "configured_stage": actor.cfg.zero_stage,
+             "optimizer": type(optimizer).__name__, "fused": optimizer.defaults.get("fused")})
+
+
+def _child_compiled(model_dir: str, port: int, out) -> None:
+    """The step with ``learner.compile``, against the eager reference copy of the same initial weights."""
+    actor = _learner(model_dir, port, reference=True, compile=True)
+    names = ["up", "down", "expert"]
+    eager = dict(zip(names, actor.reference_logprobs(_batch(names))))  # the frozen copy: not compiled
+    old = {"up": [x - 0.05 for x in eager["up"]], "down": [x + 0.05 for x in eager["down"]]}
+    batch = _batch(names, old, {"up": 1.0, "down": -1.0})
+    metrics = actor.train_step([batch], mu=MU, **batch.counts())
+    shorter = _batch(["down"], {"down": old["down"]}, {"down": -1.0})  # another shape: the same graph
+    second = actor.train_step([shorter], mu=0.0, **shorter.counts())
+    module = actor.engine.module
+    out.put({"eager": eager, "metrics": metrics, "second": second,
+             "compiled": getattr(module, "_compiled_call_impl", None) is not None,
+             "keys": sorted(actor._full_state_dict()) == sorted(actor.ref_model.state_dict())})
 
 
 def _child_autocast(model_dir: str, port: int, out) -> None:
@@ -120,6 +140,11 @@ def autocast(tmp_path_factory):
     return _run(_child_autocast, tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    return _run(_child_compiled, tmp_path_factory)
+
+
 def test_loss_is_one_minus_mu_rl_plus_mu_sft_with_the_behaviour_logprobs_as_old(result):
     lp, m = result["lp"], result["metrics"]
     # RL term, token mean over the 3 + 4 on-policy tokens: -(1/7) * sum_t A * exp(lp_t - old_t), no clipping
@@ -172,3 +197,25 @@ def test_autocast_computes_in_bfloat16_and_keeps_float32_weights_and_optimiser_s
     rl = -(3 * math.exp(0.05) - 4 * math.exp(-0.05)) / 7
     assert r["metrics"]["rl_loss"] == pytest.approx(rl, abs=1e-5)
     assert r["metrics"]["sft_loss"] == pytest.approx(-sum(r["lp"]["expert"]) / 3, abs=1e-5)
+
+
+def test_one_rank_trains_unpartitioned_with_fused_adamw(result):
+    # learner.zero_stage (2 by default) partitions across ranks; one rank has nothing to partition and runs stage 0
+    assert result["configured_stage"] == 2 and result["zero_stage"] == 0 and result["engine_zero_stage"] == 0
+    assert result["optimizer"] == "AdamW" and result["fused"] is True  # torch's fused kernel, not the loop of ops
+    # unwrapped, DeepSpeed reports no gradient norm (it read 0): the learner takes it itself
+    assert result["metrics"]["grad_norm"] > 0
+
+
+def test_compiled_learner_computes_what_the_eager_one_does(compiled):
+    r = compiled
+    assert r["compiled"] and r["keys"]  # compiled in place: the weights handed out keep their names
+    # old = the eager model's log-probabilities -/+ 0.05: the compiled forward must give the eager numbers for the
+    # ratios to be e^0.05 and e^-0.05 and the loss the hand-computed one of test_loss_is_one_minus_mu_rl_plus_mu_sft
+    rl = -(3 * math.exp(0.05) - 4 * math.exp(-0.05)) / 7
+    assert r["metrics"]["rl_loss"] == pytest.approx(rl, abs=1e-5)
+    assert r["metrics"]["sft_loss"] == pytest.approx(-sum(r["eager"]["expert"]) / 3, abs=1e-5)
+    # a batch of another shape after one step: the "down" row alone, advantage -1, so its loss is the mean of its 4
+    # ratios, e^-0.05 = 0.9512 times what the first step moved them by. That step made "down" less likely (advantage
+    # -1), so the loss lies below 0.9512, and above the clip bound 0.8
+    assert 0.8 < r["second"]["rl_loss"] < math.exp(-0.05)
