@@ -199,8 +199,9 @@ def test_resume_from_a_damaged_learner_state_stops_at_start_naming_the_checkpoin
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run, run_dir)
     path = ckpt.complete(run_dir / "checkpoints")[-1]
-    optim = path / "learner" / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])  # a disk that lost the end of the file
+    # one learner rank trains at ZeRO stage 0: its weights and AdamW state are in this one file
+    state = path / "learner" / "state" / "mp_rank_00_model_states.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a disk that lost the end of the file
     run = Run(run_dir, f"train.steps={STEPS + 4}", resume=True)
     assert run.wait(240) == 2, run.log()[-3000:]
     assert f"config error: checkpoint {path}: cannot load the learner state" in run.log()
