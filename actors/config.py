@@ -143,8 +143,8 @@ class LearnerConfig:
     #                     AVX512-BF16 or AMX and on GPUs, and a small engine/learner mismatch (algo.is_correction)
     attention: str = ""  # attention kernel: eager | sdpa; "" = eager on a CPU (faster here for short rows), sdpa on
     #                      a GPU
-    compile: bool = False  # torch.compile the model (dynamic shapes): a step of the 27M bench model 0.70 -> 0.54 s
-    #                        here, after a first step that compiles for about a minute (bench/peers.py)
+    compile: bool = False  # torch.compile the model (dynamic shapes): the 27M bench model's train phase 0.66 -> 0.49 s
+    #                        here, after a first step that compiles for up to a minute (bench/peers.py)
     backend: str = ""  # torch.distributed backend; "" = nccl with GPUs, gloo without
     deadline_s: float = 1800.0  # one optimiser step or weight save of the group; past it the group counts as failed
     #                             (train.max_learner_failures) and restarts from the last checkpoint (0 = none)
