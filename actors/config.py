@@ -82,7 +82,9 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = "vllm"  # vllm | hf (transformers generate; faster for tiny models on CPU)
+    backend: str = "vllm"  # vllm | hf (a transformers model in chorus's decode loop; faster for small models on CPU)
+    compile: bool = False  # hf: torch.compile the model (dynamic shapes); the 27M bench model's generate phase
+    #                        a quarter shorter here, after a first call that compiles for up to a minute
     dtype: str = ""  # the engines' precision: "" = model.dtype; bfloat16 engines with a float32 learner are faster
     #                  and differ from it (the mismatch algo.recompute_logprobs measures and is_correction corrects)
     num_actors: int = 1
@@ -569,6 +571,10 @@ def validate(cfg: ChorusConfig) -> None:
             raise ConfigError(f"config key '{section}.compile': torch.compile under ZeRO-3's partitioned weights "
                               f"(zero_stage 3 across {lc.num_actors} ranks) is not verified in chorus; use "
                               f"{section}.zero_stage 0-2 or {section}.compile false")
+    if cfg.rollout.compile and cfg.rollout.backend != "hf":
+        raise ConfigError(f"config key 'rollout.compile': compiles the hf backend's model; vLLM's own compilation is "
+                          f"not enabled by chorus (its engines run eagerly): set rollout.backend hf or "
+                          f"rollout.compile false (rollout.backend is {cfg.rollout.backend!r})")
     _check_synthetic(cfg)
     _check_tasks(cfg)
     for name in cfg.data.retention:

@@ -158,7 +158,8 @@ def start_rollouts(cfg: ChorusConfig, model_path: str, sync_dir: Path) -> ActorG
         lambda rank: dict(backend=rc.backend, model_path=model_path, weights_dir=str(sync_dir),
                           num_threads=threads, dtype=rc.dtype or cfg.model.dtype, seed=cfg.train.seed + rank,
                           max_model_len=rc.max_model_len, tensor_parallel_size=rc.tensor_parallel_size,
-                          kv_cache_gib=rc.kv_cache_gib, gpu_memory_utilization=rc.gpu_memory_utilization),
+                          kv_cache_gib=rc.kv_cache_gib, gpu_memory_utilization=rc.gpu_memory_utilization,
+                          **({"compile": True} if rc.compile else {})),
         # vLLM on a CPU binds an engine's OpenMP threads to all cores but one it reserves (VLLM_CPU_OMP_THREADS_BIND
         # auto): one thread on 2 cores, whatever OMP_NUM_THREADS says. Unbound, it runs the threads it is given.
         env={**BASE_ENV, "OMP_NUM_THREADS": str(threads),

@@ -14,8 +14,9 @@ this measures speed, not learning.
   only trades speed for memory), in float32 and with ``bf16=True``.
 - chorus runs ``chorus train configs/grpo.yaml`` (the user's path: Ray, the engines, DeepSpeed) with the overrides
   that make the same work, in float32 (learner and engines) and in bfloat16 (``learner.autocast=bfloat16``,
-  ``rollout.dtype=bfloat16``), on each rollout backend, with the learner as configured and torch.compiled
-  (``learner.compile=true``, rows marked "compiled"); threads per actor are the derived default.
+  ``rollout.dtype=bfloat16``), on each rollout backend, as configured and torch.compiled (rows marked "compiled":
+  ``learner.compile=true``, and ``rollout.compile=true`` on the hf backend); threads per actor are the derived
+  default.
 
 Printed per run: the median step time after the warm-up steps (10 of 60 on the 1.4M model, 8 of 24 on the 27M),
 samples/s, the ratio to TRL at the same
@@ -48,9 +49,11 @@ MODELS = {"1.4m": ("configs/models/tiny_llama.json", 60, 10), "27m": ("configs/m
 WORK = dict(prompts_per_step=8, n=8, max_new_tokens=16, lr=1e-3)
 PRECISIONS = {"fp32": ["learner.autocast=''", "rollout.dtype=float32"],
               "bf16": ["learner.autocast=bfloat16", "rollout.dtype=bfloat16"]}
-# chorus's learner as configured by default, and torch.compiled (learner.compile: off by default, as its first step
-# compiles for about a minute; the medians leave that step out)
-VARIANTS = {"": [], "compiled": ["learner.compile=true"]}
+# chorus as configured by default, and torch.compiled: the learner (learner.compile) and, on the hf backend, the
+# rollout model (rollout.compile). Both off by default, as their first step compiles for about a minute; the medians
+# leave that step out
+VARIANTS = {"": lambda backend: [],
+            "compiled": lambda backend: ["learner.compile=true"] + ["rollout.compile=true"] * (backend == "hf")}
 
 
 def trl_python() -> Path:
@@ -172,7 +175,7 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"])
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="chorus's learner: '' as configured, 'compiled' with learner.compile=true")
+                        help="chorus: '' as configured, 'compiled': learner.compile=true (rollout.compile=true on hf)")
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "peers"))
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "peers.md"))
     args = parser.parse_args()
@@ -208,7 +211,7 @@ def main() -> None:
             for backend, variant in ((b, v) for v in args.variants for b in args.backends):
                 label = f"chorus-{backend}-{precision}" + (f"-{variant}" if variant else "")
                 print(f"peers: {name} {label}", flush=True)
-                r = run_chorus(model_dir, backend, [*PRECISIONS[precision], *VARIANTS[variant]], steps, skip,
+                r = run_chorus(model_dir, backend, [*PRECISIONS[precision], *VARIANTS[variant](backend)], steps, skip,
                                work / f"{name}-{label}", facts, prompt_tokens)
                 r["mfu"] = r["train_gflops"] / peak[precision]
                 r["vs_trl"] = r["samples_per_s"] / out["runs"][f"trl-{precision}"]["samples_per_s"]

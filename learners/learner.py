@@ -110,12 +110,15 @@ class DeepSpeedRank:
         # One rank has nothing to partition: ZeRO's gradient buckets would only copy (about 0.1 s of a 0.8 s step
         # of the 27M model in bench/peers.py), so it trains unpartitioned; its checkpoints are then stage 0's.
         self.zero_stage = cfg.zero_stage if self.world_size > 1 else 0
+        # Stage 0 on float32 weights leaves torch's AdamW unwrapped: DeepSpeed would take the gradient norm to clip
+        # and keep none of it, so the norm is taken here once, for the metric and the clipping both.
+        self.own_clipping = self.zero_stage == 0 and self.dtype == "float32"
         if cfg.compile:  # in place: the state dict keeps its names (weights out, checkpoints)
             model.compile(dynamic=True)  # one graph for every row length and micro-batch size
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
             "gradient_accumulation_steps": 1,  # micro-batches are accumulated by hand in _step
-            "gradient_clipping": cfg.grad_clip,
+            "gradient_clipping": 0.0 if self.own_clipping else cfg.grad_clip,
             "zero_optimization": {"stage": self.zero_stage},
             "bf16": {"enabled": self.dtype == "bfloat16"},
             "fp16": {"enabled": self.dtype == "float16"},
@@ -131,6 +134,12 @@ class DeepSpeedRank:
 
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
                                                lr_scheduler=schedule)
+        if self.world_size == 1:  # nothing to reduce: unpartitioned, DeepSpeed would still flatten every gradient
+            #                       into buckets, all-reduce them with itself and copy them back (~0.1 s a step, 27M)
+            self.engine.enable_backward_allreduce = False
+        if self.own_clipping != (not hasattr(self.engine.optimizer, "_global_grad_norm")):
+            raise RuntimeError(f"DeepSpeed wrapped the optimiser unexpectedly ({type(self.engine.optimizer).__name__} "
+                               f"at ZeRO stage {self.zero_stage}, {self.dtype}): the gradient norm would be wrong")
 
     def _step(self, micro_batches: list[TrainBatch], loss_fn) -> dict[str, float]:
         """One optimiser step over this rank's micro-batches (every rank has the same number: see
@@ -149,10 +158,11 @@ class DeepSpeedRank:
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + value
         norm = None
-        if not hasattr(self.engine.optimizer, "_global_grad_norm"):  # torch's AdamW unwrapped (ZeRO stage 0, float32
-            #   weights): DeepSpeed keeps no norm of the gradients it clips, so it is taken here, of the reduced ones
-            norm = self.torch.nn.utils.get_total_norm(
-                [p.grad for p in self.engine.module.parameters() if p.grad is not None])
+        if self.own_clipping:  # of the reduced gradients (the all-reduce ran in the last backward)
+            params = [p for p in self.engine.module.parameters() if p.grad is not None]
+            norm = self.torch.nn.utils.get_total_norm([p.grad for p in params])
+            if self.cfg.grad_clip > 0:  # as DeepSpeed clips: scaled by grad_clip / (norm + 1e-6) when that is < 1
+                self.torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)
         self.engine.step()
         out = {name: float(value) for name, value in totals.items()}
         out["grad_norm"] = float(norm if norm is not None else self.engine.get_global_grad_norm() or 0.0)

