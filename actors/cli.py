@@ -2,6 +2,7 @@
 
     chorus train CONFIG.yaml [--run-dir DIR [--resume]] [key=value ...]
     chorus reward score NAME_OR_MODULE:FUNCTION FILE.jsonl [--args JSON]
+    chorus env play NAME_OR_MODULE:CLASS FILE.jsonl (--actions FILE.jsonl | --model DIR) [--args JSON]
     chorus status RUN_DIR [--json] [--url URL]
     chorus eval MODEL_DIR CONFIG.yaml [--json] [key=value ...]
 """
@@ -74,7 +75,6 @@ def _eval(args: argparse.Namespace) -> int:
 def _reward_score(args: argparse.Namespace) -> int:
     """Score a JSONL file of responses with one reward, locally: no training, no cluster (the judge starts a
     local Ray for its engine actor)."""
-    import json
     import os
 
     from actors.config import RewardConfig, RewardFnConfig
@@ -84,12 +84,7 @@ def _reward_score(args: argparse.Namespace) -> int:
     from rollout.data import load_rows
 
     _user_modules_importable()
-    try:
-        fn_args = json.loads(args.args)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--args: not a JSON object ({exc.msg})") from None
-    if not isinstance(fn_args, dict):
-        raise ConfigError("--args: not a JSON object")
+    fn_args = _json_args(args.args)
     cfg = RewardConfig(functions=[RewardFnConfig(name=args.reward, args=fn_args)], timeout_s=args.timeout)
     try:  # the cheap checks first: the reward's name and arguments, then the file; then models load
         check_args(args.reward, fn_args)
@@ -121,6 +116,158 @@ def _score_rows(actor, rows: list[dict], batch: int) -> None:
             if s.failed:
                 out["failed"] = s.failed
             print(json.dumps(out), flush=True)
+
+
+def _json_args(text: str, flag: str = "--args") -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag}: not a JSON object ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag}: not a JSON object")
+    return value
+
+
+def _env_play(args: argparse.Namespace) -> int:
+    """Play an environment locally, without a cluster: against scripted actions (``--actions``) or a model
+    (``--model``, the hf backend on this machine); one JSON line per episode on stdout. The environment runs in its
+    own process, isolated as in training."""
+    import json
+
+    from rewards.env_worker import EnvWorker
+    from rewards.envs import check_env_args
+    from rewards.isolation import RewardCallError
+    from rollout.data import load_rows
+
+    _user_modules_importable()
+    env_args = _json_args(args.args)
+    try:
+        check_env_args(args.env, env_args)
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0])) from None
+    except TypeError as exc:
+        raise ConfigError(f"--args: {exc}") from None
+    rows = load_rows(args.file, "episodes")
+    scripts = _action_scripts(args.actions, len(rows)) if args.actions else None
+    try:
+        worker = EnvWorker(args.env, env_args, timeout_s=args.timeout)
+    except RewardCallError as exc:
+        raise ConfigError(f"--args: {exc}") from None
+    try:
+        if scripts is not None:
+            episodes = _play_script(worker, rows, scripts, args.max_turns)
+        else:
+            episodes = _play_model(worker, rows, args)
+        for episode in episodes:
+            print(json.dumps(episode), flush=True)
+    finally:
+        worker.shutdown()
+    return 0
+
+
+def _action_scripts(path: str, rows: int) -> list[list[str]]:
+    """``--actions``: a JSONL file whose line i is the list of the model's turns (strings) for row i."""
+    import json
+
+    from rollout.data import DataError
+
+    try:
+        lines = [line for line in open(path, encoding="utf-8").read().splitlines() if line.strip()]
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the actions file ({exc.strerror or exc})") from None
+    scripts = []
+    for i, line in enumerate(lines, 1):
+        try:
+            script = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+        if not isinstance(script, list) or not all(isinstance(a, str) for a in script):
+            raise DataError(f"{path}:{i}: a line must be a list of the model's turns (strings)")
+        scripts.append(script)
+    if len(scripts) != rows:
+        raise DataError(f"{path}: {len(scripts)} action lists for {rows} rows: one line per row")
+    return scripts
+
+
+def _play_script(worker, rows: list[dict], scripts: list[list[str]], max_turns: int) -> list[dict]:
+    """Each row's episode with its scripted turns (up to ``max_turns``), all rows' episodes stepped together."""
+    keys = [f"script-{i}" for i in range(len(rows))]
+    first, _ = worker.reset(keys, rows)
+    episodes = [{"row": i, "transcript": [], "rewards": [], "info": {}, "error": s.error, "done": bool(s.error)}
+                for i, s in enumerate(first)]
+    for e, s in zip(episodes, first):
+        if s.observation is not None:
+            e["transcript"].append(s.observation)
+    for turn in range(max_turns):
+        live = [i for i, e in enumerate(episodes) if not e["done"] and turn < len(scripts[i])]
+        if not live:
+            break
+        steps, _ = worker.step([keys[i] for i in live], [scripts[i][turn] for i in live])
+        for i, s in zip(live, steps):
+            e = episodes[i]
+            e["transcript"].append({"role": "assistant", "content": scripts[i][turn]})
+            if s.error:
+                e["error"], e["done"] = s.error, True
+                continue
+            e["rewards"].append(s.reward)
+            for k, v in s.info.items():
+                e["info"][k] = e["info"].get(k, 0.0) + v
+            if s.observation is not None:
+                e["transcript"].append(s.observation)
+            e["done"] = s.done
+    open_keys = [keys[i] for i, e in enumerate(episodes) if not e["done"]]
+    if open_keys:
+        worker.close(open_keys)
+    return [{**e, "return": sum(e["rewards"]), "turns": len([m for m in e["transcript"] if m["role"] == "assistant"])}
+            for e in episodes]
+
+
+def _play_model(worker, rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """``--n`` episodes of each row against the model in ``--model`` (hf backend, float32, this process)."""
+    from pathlib import Path as P
+
+    from transformers import AutoTokenizer
+
+    from actors.episodes import Limits, play
+    from rollout.chat import ChatRenderer, TemplateError, conversation
+    from rollout.data import DataError
+    from rollout.engine import HFBackend
+    from rollout.types import SamplingSpec
+
+    if not (P(args.model) / "config.json").is_file():
+        raise ConfigError(f"--model: '{args.model}' is not a Hugging Face model directory (no config.json)")
+    tok = AutoTokenizer.from_pretrained(args.model)
+    template = P(args.chat_template).read_text(encoding="utf-8") if args.chat_template else ""
+    renderer = ChatRenderer(tok, template, model=args.model)
+    prompts = []
+    for i, row in enumerate(rows):
+        try:
+            text, ids = renderer.prompt(row)
+        except TemplateError as exc:
+            raise DataError(f"{args.file}: row {i + 1}: {exc}") from None
+        if conversation(row) is not None:
+            row["messages"], row["prompt"] = conversation(row), text
+        prompts.append(ids)
+    engine = HFBackend(args.model, dtype="float32", seed=args.seed)
+    max_len = engine.model.config.max_position_embeddings
+    spec = SamplingSpec(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    limits = Limits(max_turns=args.max_turns, max_tokens=args.max_tokens or max_len,
+                    max_new_tokens=args.max_new_tokens, max_model_len=max_len)
+    out = []
+    for c in play(engine.generate, worker, rows, prompts, spec, renderer, limits):
+        transcript, start = [], 0
+        for end in range(1, len(c.token_ids) + 1):  # runs of the model's tokens and of the observations'
+            if end == len(c.token_ids) or c.loss_mask[end] != c.loss_mask[start]:
+                role = "assistant" if c.loss_mask[start] else "environment"
+                transcript.append({"role": role, "content": tok.decode(c.token_ids[start:end],
+                                                                      skip_special_tokens=role == "assistant")})
+                start = end
+        e = c.episode
+        out.append({"row": c.prompt_index, "transcript": transcript, "rewards": e["rewards"], "info": e["info"],
+                    "error": e["error"], "return": e["return"], "turns": e["turns"], "finish": c.finish_reason})
+    return out
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -176,6 +323,29 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--timeout", type=_seconds, default=60.0, help="seconds per batch before the reward fails")
     score.add_argument("--batch", type=_batch_size, default=64, help="rows per reward call")
     score.set_defaults(func=_reward_score)
+    env = sub.add_parser("env", help="work on environments without a cluster")
+    env_sub = env.add_subparsers(dest="env_command", required=True)
+    play = env_sub.add_parser("play", help="play episodes of an environment against scripted actions or a model; "
+                                           "one JSON line per episode on stdout (transcript, rewards, return, info)")
+    play.add_argument("env", help="a registered name (tools, guess) or module:Class")
+    play.add_argument("file", help="JSONL (or Parquet, or a `datasets` directory) rows: `prompt` (text or messages) "
+                                   "or `messages`, and the fields the environment reads (answer, ...)")
+    how = play.add_mutually_exclusive_group(required=True)
+    how.add_argument("--actions", default="", help="JSONL: line i is the list of the model's turns for row i")
+    how.add_argument("--model", default="", help="a Hugging Face model directory to play (hf backend, float32)")
+    play.add_argument("--args", default="{}", help="keyword arguments of the environment as a JSON object")
+    play.add_argument("--max-turns", type=_batch_size, default=4, help="model turns per episode at most")
+    play.add_argument("--max-new-tokens", type=_batch_size, default=32, help="--model: tokens per turn at most")
+    play.add_argument("--max-tokens", type=int, default=0, help="--model: response tokens per episode at most, "
+                                                                "observations included (0 = the model's context)")
+    play.add_argument("--n", type=_batch_size, default=1, help="--model: episodes per row")
+    play.add_argument("--temperature", type=float, default=0.0, help="--model: 0 = greedy")
+    play.add_argument("--seed", type=int, default=0, help="--model: sampling seed")
+    play.add_argument("--chat-template", default="", help="--model: a Jinja chat template file in place of the "
+                                                          "tokenizer's")
+    play.add_argument("--timeout", type=_seconds, default=30.0, help="seconds per environment call before its "
+                                                                     "episodes fail")
+    play.set_defaults(func=_env_play)
     status = sub.add_parser("status", help="where a run is: progress, rates, checkpoints, live counters")
     status.add_argument("run_dir", nargs="?", default="", help="the run's --run-dir")
     status.add_argument("--url", default="", help="scrape this /metrics endpoint (default: RUN_DIR/metrics_url); "

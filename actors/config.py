@@ -21,7 +21,7 @@ from learners.losses import AGGREGATIONS, IS_CORRECTIONS, KL_ESTIMATORS, POLICY_
 from learners.schedules import MU_SCHEDULES
 from actors.evaluation import TARGET
 from rollout.data import TASKS, distinct_strings
-from rollout.tasks import FAMILIES
+from rollout.tasks import FAMILIES, TOOL_DEMOS
 from rollout.engine import BACKENDS
 
 
@@ -41,6 +41,7 @@ class ModelConfig:
     path: str = ""  # Hugging Face causal-LM directory; "" with `build` = a cache dir named after the build file
     build: str = ""  # JSON recipe of a tiny model + char tokenizer (configs/models/); built into `path` if absent
     dtype: str = "float32"  # float32 | bfloat16 | float16 (learner and engines)
+    chat_template: str = ""  # a Jinja chat template file for conversation rows; "" = the tokenizer's own
 
 
 @dataclass
@@ -65,6 +66,9 @@ class TasksConfig:
     num_prompts: int = 4000  # RL prompts
     num_expert: int = 4000  # expert demonstrations (prompt + correct response)
     num_eval: int = 200  # held-out rows per evaluated family
+    chat: bool = False  # rows as conversations: a user turn (the prompt), the assistant's (the answer)
+    tool: str = ""  # chat: "calc" = expert conversations call the calculator first (arithmetic families: add2,
+    #                 add3), for env tools (rollout/tasks.py: with_tool)
 
 
 @dataclass
@@ -123,6 +127,19 @@ class RewardConfig:
     num_cpus: float = 0.25
     deadline_s: float = 1800.0  # one reward actor's call on its share of a step (all functions, their reloads);
     #                             past it the actor is killed, restarted and its work retried (0 = no deadline)
+
+
+@dataclass
+class EnvConfig:
+    name: str = ""  # "" = single-turn rollouts; an environment (rewards/envs.py: tools, guess) or module:Class,
+    #                 which makes each rollout a multi-turn episode
+    args: dict = field(default_factory=dict)  # keyword arguments of the environment's __init__
+    max_turns: int = 4  # model turns per episode
+    max_tokens: int = 0  # response tokens per episode, the model's and the observations'; 0 = rollout.max_model_len
+    reward_weight: float = 1.0  # the episode's return (the sum of its step rewards) in the rollout's reward
+    timeout_s: float = 30.0  # one env actor's call on its episodes; past it their process is killed, they fail
+    num_actors: int = 1
+    num_cpus: float = 0.25
 
 
 @dataclass
@@ -234,6 +251,11 @@ class CheckpointConfig:
 class MetricsConfig:
     host: str = "127.0.0.1"  # bind address of /metrics; anything else must be set here on purpose
     port: int = 0  # 0 = any free port (printed at start and written to the run dir)
+    tensorboard: bool = False  # also write metrics.jsonl's records as TensorBoard scalars into RUN_DIR/tensorboard
+    wandb: bool = False  # also log them to a Weights & Biases run in RUN_DIR/wandb
+    wandb_mode: str = "offline"  # offline (nothing leaves the machine; `wandb sync` uploads it later) | online
+    wandb_project: str = "chorus"
+    wandb_name: str = ""  # the W&B run's name; "" = the run directory's name
 
 
 @dataclass
@@ -243,6 +265,7 @@ class ChorusConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     critic: LearnerConfig = field(default_factory=LearnerConfig)  # value model of algo.advantage = gae
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)  # frozen model of algo.kl_coef > 0
@@ -275,6 +298,7 @@ _CHOICES = {
     "algo.loss_agg": AGGREGATIONS,
     "algo.kl_estimator": KL_ESTIMATORS,
     "data.synthetic.task": tuple(TASKS),
+    "metrics.wandb_mode": ("offline", "online"),
 }
 
 
@@ -402,7 +426,7 @@ _RULES = [
         "rollout.max_model_len", "rollout.kv_cache_gib",
         "reward.num_actors", "learner.num_actors", "learner.micro_batch_size", "algo.prompts_per_step",
         "critic.num_actors", "critic.micro_batch_size", "reference.num_actors", "algo.epochs", "algo.mini_batches",
-        "algo.max_sample_rounds",
+        "algo.max_sample_rounds", "env.max_turns", "env.num_actors",
         "train.steps", "checkpoint.keep",
         "data.synthetic.min_len", "data.synthetic.num_prompts", "data.synthetic.num_eval",
         "data.tasks.num_prompts", "data.tasks.num_eval")),
@@ -413,6 +437,7 @@ _RULES = [
         "rollout.deadline_s", "reward.deadline_s", "learner.deadline_s", "critic.deadline_s",
         "train.max_learner_failures", "checkpoint.every", "checkpoint.grace_s", "data.synthetic.num_expert",
         "data.tasks.num_expert", "train.eval_samples", "algo.overlong_buffer", "algo.overlong_penalty",
+        "env.max_tokens", "env.reward_weight",
         *(f"{k}.weight_decay" for k in _LEARNERS))),
     *((k, lambda v: 0.0 <= v <= 1.0, "in [0, 1]") for k in (
         "algo.mu_peak", "algo.mu_valley", "learner.min_lr_ratio", "critic.min_lr_ratio", "algo.gamma",
@@ -427,6 +452,8 @@ _RULES = [
       for k in ("learner", "critic", "reference")),
     ("rollout.gpu_memory_utilization", lambda v: 0.0 < v <= 1.0, "in (0, 1] (a share of each GPU's memory)"),
     ("reward.timeout_s", lambda v: v > 0, "> 0 (seconds one reward function may take on one batch)"),
+    ("env.timeout_s", lambda v: v > 0, "> 0 (seconds one env actor may take on its episodes' turn)"),
+    ("env.num_cpus", lambda v: v > 0, "> 0"),
     ("metrics.port", lambda v: 0 <= v <= 65535, "in [0, 65535] (0 = any free port)"),
     ("algo.expert_ratio", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     ("algo.clip_eps", lambda v: 0 < v < 1, "in (0, 1) (the ratio's lower bound 1 - clip_eps must be > 0)"),
@@ -488,6 +515,14 @@ def _check_tasks(cfg: ChorusConfig) -> None:
                               f"{list(FAMILIES)}")
     if len(set(t.eval)) != len(t.eval):
         raise ConfigError(f"config key 'data.tasks.eval': a family is named twice in {list(t.eval)}")
+    if t.tool and not t.chat:
+        raise ConfigError("config key 'data.tasks.tool': tool calls are turns of a conversation: set data.tasks.chat "
+                          "true")
+    if t.tool and t.tool not in TOOL_DEMOS:
+        raise ConfigError(f"config key 'data.tasks.tool': {t.tool!r} is not one of {list(TOOL_DEMOS)}")
+    if t.tool and (bad := [f for f in t.mixture if f not in TOOL_DEMOS[t.tool]]):
+        raise ConfigError(f"config key 'data.tasks.mixture': the {t.tool} tool's demonstrations cover "
+                          f"{list(TOOL_DEMOS[t.tool])}, not {bad}")
     if cfg.data.retention and (clash := set(cfg.data.retention) & set(t.eval[1:])):
         raise ConfigError(f"config key 'data.retention': {sorted(clash)} are also data.tasks.eval families")
     if cfg.algo.expert_ratio > 0 and t.num_expert == 0:
@@ -581,8 +616,20 @@ def validate(cfg: ChorusConfig) -> None:
         if name == TARGET or not name or "/" in name:
             raise ConfigError(f"config key 'data.retention.{name}': a set's name must be non-empty, hold no '/' "
                               f"and not be '{TARGET}' (the name of data.eval's set)")
-    if not cfg.reward.functions:
-        raise ConfigError("config key 'reward.functions': at least one reward function is needed")
+    if not cfg.reward.functions and not cfg.env.name:
+        raise ConfigError("config key 'reward.functions': at least one reward function is needed (or an environment, "
+                          "env.name, whose rewards are the rollouts')")
+    if cfg.env.name and needs_critic(cfg.algo.advantage):
+        raise ConfigError(f"config key 'algo.advantage': {cfg.algo.advantage} estimates per-token values over a "
+                          f"contiguous response; in multi-turn episodes (env.name) observations interleave the "
+                          f"model's turns: use grpo or rloo")
+    if cfg.env.name and cfg.algo.overlong_buffer:
+        raise ConfigError("config key 'algo.overlong_buffer': DAPO's overlong penalty measures one response against "
+                          "rollout.max_new_tokens; a multi-turn episode (env.name) has turns and env.max_tokens: "
+                          "set it to 0")
+    if cfg.env.max_tokens and cfg.env.max_tokens > cfg.rollout.max_model_len:
+        raise ConfigError(f"config key 'env.max_tokens': {cfg.env.max_tokens} does not fit in the engines' context "
+                          f"(rollout.max_model_len {cfg.rollout.max_model_len}); 0 = the context")
     for i, f in enumerate(cfg.reward.functions):
         if f.isolation not in ("", "process", "thread"):
             raise ConfigError(f"config key 'reward.functions[{i}].isolation': {f.isolation!r} is not one of "
@@ -592,6 +639,9 @@ def validate(cfg: ChorusConfig) -> None:
     if cfg.model.build and not Path(cfg.model.build).is_file():
         raise ConfigError(f"config key 'model.build': recipe file '{cfg.model.build}' not found "
                           f"(paths are relative to the working directory)")
+    if cfg.model.chat_template and not Path(cfg.model.chat_template).is_file():
+        raise ConfigError(f"config key 'model.chat_template': Jinja template file '{cfg.model.chat_template}' not "
+                          f"found (paths are relative to the working directory)")
     generated = cfg.data.synthetic is not None or cfg.data.tasks is not None
     if not generated and not (cfg.data.prompts and cfg.data.eval):
         raise ConfigError("config key 'data.prompts': set data.prompts and data.eval, or data.tasks (or "

@@ -28,9 +28,11 @@ import torch
 from actors import checkpoint as ckpt
 from actors import datasets, pools
 from actors.config import ChorusConfig, ConfigError, advantage_spec, to_yaml
+from actors.episodes import episode_metrics
 from actors.evaluation import Evaluator, EvalSet, flatten, nest
 from actors.group import GroupFailed, Interrupted
 from actors.metrics import STEP_PHASES, JsonlLog, Metrics
+from actors.sinks import open_sinks
 from actors.records import Rollouts, StepPlan
 from actors.recovery import Recovery
 from actors.rollouts import RolloutMaker
@@ -39,6 +41,7 @@ from actors.supply import AsyncRolloutSupply, RolloutSupply
 from learners.advantages import ADVANTAGES, needs_critic
 from learners.batch import OPTIONAL, TrainBatch, even_split, split_for_ranks
 from learners.losses import kl_reward
+from rewards.envs import check_env_args
 from rewards.registry import check_args, isolation
 from rollout.engine import weights_file
 from rollout.tiny import ensure_model
@@ -90,6 +93,14 @@ class Trainer(Recovery):
                 isolation(f.name, f.isolation)
             except ValueError as exc:
                 raise ConfigError(f"config key 'reward.functions[{i}].isolation': {exc}") from None
+        if cfg.env.name:
+            try:
+                check_env_args(cfg.env.name, dict(cfg.env.args))
+            except KeyError as exc:
+                raise ConfigError(f"config key 'env.name': {exc.args[0]}") from None
+            except TypeError as exc:
+                key = "env.args" + (f".{exc.arg}" if getattr(exc, "arg", None) else "")
+                raise ConfigError(f"config key '{key}': {exc}") from None
         try:
             self.model_path = ensure_model(cfg.model.path, cfg.model.build)
         except FileNotFoundError as exc:
@@ -107,7 +118,7 @@ class Trainer(Recovery):
         # Everything below holds a resource (a port, a file, shared memory, processes): close() releases what
         # was started, whatever failed.
         self.metrics = self.log = self.sync_dir = self.supply = None
-        self.learners = self.rollouts = self.rewards = self.critic = self.references = None
+        self.learners = self.rollouts = self.rewards = self.critic = self.references = self.envs = None
         self.own_ray = False
         self.version = 0  # training steps whose weights the learners hold (the policy version)
         self.engine_version = 0  # ... and the engines
@@ -120,7 +131,8 @@ class Trainer(Recovery):
                 self.metrics.skipped_rows.labels(kind).inc(  # resumed run has them in the checkpoint's counters)
                     0 if found else len(self.skipped_rows.get(kind, ())))
             (self.run_dir / "metrics_url").write_text(self.metrics.url + "\n")
-            self.log = JsonlLog(self.run_dir / "metrics.jsonl", self.start_step if resume else None)
+            self.log = JsonlLog(self.run_dir / "metrics.jsonl", self.start_step if resume else None,
+                                sinks=open_sinks(cfg, self.run_dir))
             shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # weight hand-off in memory, not on disk
             if cfg.rollout.sync_dir:  # shared storage: engines on other nodes than learner rank 0 read it too
                 Path(cfg.rollout.sync_dir).mkdir(parents=True, exist_ok=True)
@@ -128,7 +140,8 @@ class Trainer(Recovery):
             self._start_ray()
             self._start_actors()
             self.maker = RolloutMaker(cfg, self.prompts, self.prompt_ids, self.rollouts, self.rewards, self.metrics,
-                                      self.stopping, lambda: self.engine_version)
+                                      self.stopping, lambda: self.engine_version, envs=self.envs,
+                                      renderer=self.renderer)
             if cfg.train.max_staleness:
                 self.supply = AsyncRolloutSupply(self._new_scheduler(), self.maker,
                                                  staleness=cfg.train.max_staleness, last_step=cfg.train.steps - 1)
@@ -149,13 +162,12 @@ class Trainer(Recovery):
 
         data = datasets.load(self.cfg.data, self.run_dir / "data", eval_max_rows=self.cfg.train.eval_max_rows)
         self.prompts, self.expert, self.skipped_rows = data.prompts, data.expert, data.skipped
-        self.tokenizer = tok = AutoTokenizer.from_pretrained(self.model_path)
-        self.prompt_ids = [tok(r["prompt"]).input_ids for r in self.prompts]
-        self.expert_rows = [
-            (tok(r["prompt"]).input_ids, tok(r["response"], add_special_tokens=False).input_ids + [tok.eos_token_id])
-            for r in self.expert
-        ]
-        self.evaluator = Evaluator([EvalSet(name, rows, [tok(r["prompt"]).input_ids for r in rows])
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        tokens = datasets.tokenize(data, self.tokenizer, chat_template=self.cfg.model.chat_template,
+                                   model=self.model_path)
+        self.renderer = tokens.renderer
+        self.prompt_ids, self.expert_rows = tokens.prompts, tokens.expert
+        self.evaluator = Evaluator([EvalSet(name, rows, tokens.eval_sets[name])
                                     for name, rows in data.eval_sets.items()],
                                    max_new_tokens=self.cfg.rollout.max_new_tokens,
                                    samples=self.cfg.train.eval_samples, seed=self.cfg.train.seed)
@@ -186,8 +198,10 @@ class Trainer(Recovery):
         log.info(pools.describe_threads(self.cfg))
         self.learners, self.critic = pools.start_learners(self.cfg, self.model_path)
         self.references, self.rollouts, self.rewards = pools.start_pools(self.cfg, self.model_path, self.sync_dir)
-        for group in (self.rollouts, self.rewards):  # their waits end when the run is asked to stop
-            group.interrupt = self.stopping
+        self.envs = pools.start_envs(self.cfg)
+        for group in (self.rollouts, self.rewards, self.envs):  # their waits end when the run is asked to stop
+            if group is not None:
+                group.interrupt = self.stopping
 
     # --- the loop ---------------------------------------------------------------------------------------------
 
@@ -288,7 +302,7 @@ class Trainer(Recovery):
         phase.update(rollouts.phase, train=train_s, sync=sync_s)
         total = train_s + sync_s
         if rollout_wait is None:  # synchronous: the rollout phases are part of the step
-            total += rollouts.phase.get("generate", 0.0) + rollouts.phase.get("reward", 0.0)
+            total += sum(rollouts.phase.get(k, 0.0) for k in ("generate", "env", "reward"))
             phase["other"] = max(0.0, total - sum(phase.values()))
         else:  # async: they overlapped the previous step's training; the step waited only `rollout_wait`
             total += rollout_wait
@@ -307,12 +321,13 @@ class Trainer(Recovery):
         record.update({f"reward/{name}": value for name, value in rollouts.reward_components.items()})
         if rl_rows:
             record["response_tokens_mean"] = record["tokens"] / len(rl_rows)
+        record.update(episode_metrics([c for _, c in rl_rows]))
         return record
 
     def _collect_counts(self) -> None:
         """Restarts and deadline kills of the pools Ray restarts, into their counters (after each step, before each
         checkpoint)."""
-        for group in (self.rollouts, self.rewards, self.references):
+        for group in (self.rollouts, self.rewards, self.references, self.envs):
             if group is not None:
                 restarts, deadlines = group.take_counts()
                 self.metrics.restarts.labels(group.role).inc(restarts)
@@ -328,6 +343,8 @@ class Trainer(Recovery):
         rl = TrainBatch(input_ids=[p + c.token_ids for p, c in rows], prompt_lens=[len(p) for p, _ in rows],
                         old_logprobs=[c.logprobs for _, c in rows], advantages=[[0.0] * n for n in lengths],
                         is_expert=[False] * len(rows))
+        if any(c.loss_mask is not None for _, c in rows):  # multi-turn: the observations are not the model's
+            rl.loss_mask = [c.loss_mask if c.loss_mask is not None else [1] * len(c.token_ids) for _, c in rows]
         if rl:
             if a.recompute_logprobs:  # the proximal policy is the learner's; the engine's is the behaviour policy
                 rl.behaviour_logprobs = rl.old_logprobs
@@ -340,9 +357,12 @@ class Trainer(Recovery):
             if a.overlong_filter:  # DAPO: a response cut off at the budget leaves the loss (it counted in its group)
                 rl = rl.select([i for i, (_, c) in enumerate(rows) if c.finish_reason != "length"])
         expert = [self.expert_rows[i] for i in plan.expert_ids]
-        zeros = [[0.0] * len(r) for _, r in expert]
-        rl.input_ids += [p + r for p, r in expert]
-        rl.prompt_lens += [len(p) for p, _ in expert]
+        zeros = [[0.0] * len(r) for _, r, _ in expert]
+        if rl.loss_mask is not None or any(m is not None for _, _, m in expert):  # a conversation in the batch
+            ones = [[1] * (len(x) - p) for x, p in zip(rl.input_ids, rl.prompt_lens)]
+            rl.loss_mask = (rl.loss_mask or ones) + [[1] * len(r) if m is None else m for _, r, m in expert]
+        rl.input_ids += [p + r for p, r, _ in expert]
+        rl.prompt_lens += [len(p) for p, _, _ in expert]
         rl.old_logprobs += zeros
         rl.advantages += zeros
         rl.is_expert += [True] * len(expert)
@@ -363,7 +383,7 @@ class Trainer(Recovery):
                 out[b, : len(row)] = torch.tensor(row, dtype=torch.float32)
             return out
 
-        mask = padded([[1.0] * n for n in lengths])
+        mask = padded(rl.loss_mask if rl.loss_mask is not None else [[1.0] * n for n in lengths])
         values = None
         if needs_critic(a.advantage):
             rl.old_values = self._per_rank(self.critic, rl, lambda actor, b: actor.values.remote(b))
@@ -489,7 +509,7 @@ class Trainer(Recovery):
     def evaluate(self) -> dict[str, float]:
         """Every held-out set through the rollout engines (actors/evaluation.py); returns the metrics.jsonl keys:
         ``eval_accuracy`` (the target's greedy accuracy), ``eval/<set>/<metric>`` and ``eval_seconds``."""
-        results = flatten(self.evaluator.run(self.maker.sample))
+        results = flatten(self.evaluator.run(self.maker.rollout))
         self.metrics.observe_eval(results)
         return results
 
@@ -524,7 +544,7 @@ class Trainer(Recovery):
         if self.supply is not None:  # async: its worker's calls on actors fail once the actors are gone, and it ends
             self.supply.close()
             self.supply = None
-        for name in ("rollouts", "rewards", "references", "critic", "learners"):
+        for name in ("rollouts", "rewards", "envs", "references", "critic", "learners"):
             group = getattr(self, name)
             if group is not None:
                 group.shutdown()

@@ -11,7 +11,11 @@ families of ``data.tasks.eval`` after the first). Each evaluation generates, thr
   sets are scored greedily only: what they measure is whether a skill is kept, and sampling them would multiply
   the evaluation's cost by n + 1.
 
-No Ray here: ``generate(prompt_ids, spec)`` is the driver's (or ``chorus eval``'s) call into the engines.
+With an environment (``env.name``) each response is a multi-turn episode whose last model turn is scored, and each
+set also gets the episodes' ``turns``, ``return``, ``env_failures`` and the environment's info counters per episode
+(``tool_calls``, ...).
+
+No Ray here: ``generate(rows, prompt_ids, spec)`` is the driver's (or ``chorus eval``'s) call into the engines.
 """
 
 from __future__ import annotations
@@ -58,16 +62,20 @@ class Evaluator:
         self.seed = random.Random(f"chorus-eval-{seed}").getrandbits(48)
 
     def run(self, generate) -> dict[str, dict[str, float]]:
-        """``{set: {"accuracy", "response_tokens"[, "pass@1", "pass@<n>"]}}`` and ``"seconds"`` under ``""``."""
+        """``{set: {"accuracy", "response_tokens"[, "pass@1", "pass@<n>"][, episode metrics]}}`` and ``"seconds"``
+        under ``""``."""
+        from actors.episodes import episode_metrics
+
         t = time.perf_counter()
+        rows = [r for s in self.sets for r in s.rows]
         prompts = [ids for s in self.sets for ids in s.ids]
-        greedy = self._by_row(generate(prompts, SamplingSpec(n=1, max_new_tokens=self.max_new_tokens,
-                                                               temperature=0.0)), len(prompts), 1)
+        greedy = self._by_row(generate(rows, prompts, SamplingSpec(n=1, max_new_tokens=self.max_new_tokens,
+                                                                     temperature=0.0)), len(prompts), 1)
         sampled = None
         if self.samples:  # the target set's rows come first
             spec = SamplingSpec(n=self.samples, max_new_tokens=self.max_new_tokens, temperature=1.0, seed=self.seed)
-            target = self.sets[0].ids
-            sampled = self._by_row(generate(target, spec), len(target), self.samples)
+            target = self.sets[0]
+            sampled = self._by_row(generate(target.rows, target.ids, spec), len(target.ids), self.samples)
         out: dict[str, dict[str, float]] = {}
         start = 0
         for s in self.sets:
@@ -77,6 +85,11 @@ class Evaluator:
             hits = [_correct(greedy[i][0].text, a) for i, a in zip(rows, answers)]
             m = {"accuracy": sum(hits) / len(hits),
                  "response_tokens": sum(len(greedy[i][0].token_ids) for i in rows) / len(hits)}
+            episodes = episode_metrics([greedy[i][0] for i in rows])
+            if episodes:
+                m.update({"turns": episodes["env/turns"], "return": episodes["env/return"],
+                          "env_failures": episodes["env/failures"]})
+                m.update({k.removeprefix("env/info/"): v for k, v in episodes.items() if k.startswith("env/info/")})
             if sampled is not None and s is self.sets[0]:
                 n = self.samples
                 correct = [sum(_correct(c.text, a) for c in sampled[i]) for i, a in zip(rows, answers)]
@@ -87,7 +100,6 @@ class Evaluator:
         out[""] = {"seconds": time.perf_counter() - t}
         return out
 
-    @staticmethod
     @staticmethod
     def _by_row(completions: list[Completion], rows: int, n: int) -> list[list[Completion]]:
         out: list[list[Completion]] = [[] for _ in range(rows)]

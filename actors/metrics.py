@@ -7,13 +7,16 @@ durations. The README's metrics table lists each one; tests scrape the endpoint 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from actors.evaluation import nest
 
-STEP_PHASES = ("generate", "reward", "train", "sync", "other")  # a training step's wall time, split
+log = logging.getLogger("chorus")
+
+STEP_PHASES = ("generate", "env", "reward", "train", "sync", "other")  # a training step's wall time, split
 PHASES = (*STEP_PHASES, "eval")
 
 
@@ -79,12 +82,13 @@ class Metrics:
                                   registry=r)
         self.sync_seconds = Gauge("chorus_weight_sync_seconds", "Seconds of the last weight sync", registry=r)
         self._rl_core(r)
+        self._envs(r)
         for phase in PHASES:
             self.phase.labels(phase)
             self.phase_total.labels(phase)
         for pool in ("rollout", "reward", "learner"):
             self.queue.labels(pool)
-        for role in ("rollout", "reward", "reference", "learner", "critic"):
+        for role in ("rollout", "reward", "env", "reference", "learner", "critic"):
             self.restarts.labels(role)
             self.deadlines.labels(role)
         for kind in ("rl", "sft", "total", "value"):
@@ -114,6 +118,22 @@ class Metrics:
         self.truncated = Counter("chorus_truncated_responses_total", "Responses trained on that hit "
                                  "rollout.max_new_tokens (left out of the loss with algo.overlong_filter)",
                                  registry=r)
+
+    def _envs(self, r: CollectorRegistry) -> None:
+        """Multi-turn episodes (env.name): what the environments did."""
+        self.episodes = Counter("chorus_env_episodes_total", "Multi-turn episodes played for training", registry=r)
+        self.env_turns = Gauge("chorus_env_turns", "Mean model turns per episode of the last step", registry=r)
+        self.env_return = Gauge("chorus_env_return", "Mean return (sum of the environment's step rewards) of the last "
+                                "step's episodes", registry=r)
+        self.env_turn_reward = Gauge("chorus_env_reward_per_turn", "Mean environment reward per step of the last "
+                                     "step's episodes", registry=r)
+        self.env_latency = Gauge("chorus_env_latency_seconds", "Mean seconds of one environment call (every running "
+                                 "episode's turn, across the env actors) in the last step", registry=r)
+        self.env_failures = Counter("chorus_env_failures_total", "Episodes whose environment raised, returned what "
+                                    "it may not, hung past env.timeout_s or died (their reward: reward.fallback)",
+                                    registry=r)
+        self.env_events = Counter("chorus_env_events_total", "What environments counted in their info, summed over "
+                                  "episodes (tools: tool_calls, tool_errors)", ["event"], registry=r)
 
     def observe_step(self, r: dict) -> None:
         """Export one step's record (the metrics.jsonl line) to the gauges and counters."""
@@ -150,6 +170,16 @@ class Metrics:
         for phase in STEP_PHASES:
             self.phase.labels(phase).set(r[f"{phase}_seconds"])
             self.phase_total.labels(phase).inc(r[f"{phase}_seconds"])
+        if r.get("episodes"):
+            self.episodes.inc(r["episodes"])
+            for gauge, key in ((self.env_turns, "env/turns"), (self.env_return, "env/return"),
+                               (self.env_turn_reward, "env/reward_per_turn"),
+                               (self.env_latency, "env/latency_seconds")):
+                if key in r:
+                    gauge.set(r[key])
+            for key, value in r.items():
+                if key.startswith("env/info/"):
+                    self.env_events.labels(key.removeprefix("env/info/")).inc(value * r["episodes"])
 
     def observe_eval(self, r: dict) -> None:
         """Export one evaluation (``eval/<set>/<metric>`` keys, actors/evaluation.py:flatten)."""
@@ -199,8 +229,9 @@ class JsonlLog:
     the checkpoint, and redone now) move to ``metrics.rolled_back.jsonl`` beside the log, so each step has one line.
     """
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, sinks: list | None = None):
         self.path = path
+        self.sinks = list(sinks or [])  # actors/sinks.py: TensorBoard, W&B; each gets every record too
         if resume_step is None:
             self.f = path.open("x", encoding="utf-8")  # a run dir holds one run
         else:
@@ -233,7 +264,20 @@ class JsonlLog:
     def write(self, record: dict) -> None:
         self.f.write(json.dumps(record) + "\n")
         self.f.flush()
+        for sink in list(self.sinks):  # an optional view: one that fails is logged and dropped, the run goes on
+            try:
+                sink.write(record)
+            except Exception as exc:  # noqa: BLE001
+                log.error("metrics sink %s failed (%s: %s); it gets no more records", type(sink).__name__,
+                          type(exc).__name__, exc)
+                self.sinks.remove(sink)
 
     def close(self) -> None:
         if not self.f.closed:
             self.f.close()
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as exc:  # noqa: BLE001  (the others must still be closed)
+                log.warning("metrics sink %s: close failed: %s", type(sink).__name__, exc)
+        self.sinks = []

@@ -24,6 +24,7 @@ def evaluate_model(cfg: ChorusConfig, model_dir: str) -> dict[str, dict[str, flo
     from transformers import AutoTokenizer
 
     from actors import pools
+    from actors.episodes import EnvGroup, Limits, play
     from actors.rollouts import generate
 
     if not (Path(model_dir) / "config.json").is_file():
@@ -32,12 +33,12 @@ def evaluate_model(cfg: ChorusConfig, model_dir: str) -> dict[str, dict[str, flo
                           f"a checkpoint's model/)")
     work = Path(tempfile.mkdtemp(prefix="chorus-eval-"))
     own_ray = False
-    rollouts = None
+    rollouts = envs = None
     try:
         data = datasets.load(cfg.data, work / "data", eval_max_rows=cfg.train.eval_max_rows, only_eval=True)
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        sets = [EvalSet(name, rows, [tok(r["prompt"]).input_ids for r in rows])
-                for name, rows in data.eval_sets.items()]
+        tokens = datasets.tokenize(data, AutoTokenizer.from_pretrained(model_dir),
+                                   chat_template=cfg.model.chat_template, model=model_dir)
+        sets = [EvalSet(name, rows, tokens.eval_sets[name]) for name, rows in data.eval_sets.items()]
         evaluator = Evaluator(sets, max_new_tokens=cfg.rollout.max_new_tokens, samples=cfg.train.eval_samples,
                               seed=cfg.train.seed)
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
@@ -49,12 +50,19 @@ def evaluate_model(cfg: ChorusConfig, model_dir: str) -> dict[str, dict[str, flo
                 ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
         (work / "weights").mkdir()  # no weights file: the engines serve model_dir as it is
         rollouts = pools.start_rollouts(cfg, model_dir, work / "weights")
-        results = evaluator.run(lambda prompts, spec: generate(rollouts, prompts, spec))
+        envs = pools.start_envs(cfg)
+        if envs is None:
+            results = evaluator.run(lambda rows, prompts, spec: generate(rollouts, prompts, spec))
+        else:  # multi-turn episodes, as training plays them
+            results = evaluator.run(lambda rows, prompts, spec: play(
+                lambda p, s: generate(rollouts, p, s), EnvGroup(envs), rows, prompts, spec, tokens.renderer,
+                Limits.of(cfg)))
         results[""]["rows"] = sum(len(s.rows) for s in sets)
         return results
     finally:
-        if rollouts is not None:
-            rollouts.shutdown()
+        for group in (rollouts, envs):
+            if group is not None:
+                group.shutdown()
         if own_ray and ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)

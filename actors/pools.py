@@ -167,6 +167,19 @@ def start_rollouts(cfg: ChorusConfig, model_path: str, sync_dir: Path) -> ActorG
         max_restarts=-1, retries=3, deadline_s=rc.deadline_s)
 
 
+def start_envs(cfg: ChorusConfig) -> ActorGroup | None:
+    """The env actors of multi-turn rollouts (``env.name``), or None. Ray restarts one that dies; the episodes it
+    held fail (their next call finds them gone), the run goes on."""
+    if not cfg.env.name:
+        return None
+    from rewards.env_worker import EnvWorker
+
+    e = cfg.env
+    return ActorGroup("env", EnvWorker, e.num_actors, {"CPU": e.num_cpus},
+                      lambda rank: dict(name=e.name, args=dict(e.args), timeout_s=e.timeout_s), env=BASE_ENV,
+                      max_restarts=-1, retries=3, deadline_s=max(4 * e.timeout_s, 60.0))
+
+
 def start_pools(cfg: ChorusConfig, model_path: str, sync_dir: Path
                 ) -> tuple[ActorGroup | None, ActorGroup, ActorGroup]:
     """(separate reference actors or None, rollout engines, reward actors). Ray restarts their actors however often

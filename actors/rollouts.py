@@ -1,6 +1,7 @@
-"""Making a step's rollouts: the engines generate ``rollout.n`` completions of each planned prompt, the reward actors
-score them, and groups that cannot teach anything leave the step (a failed reward with ``reward.on_failure =
-drop_group``; all-equal rewards with ``algo.dynamic_sampling``, refilled by more prompts)."""
+"""Making a step's rollouts: the engines generate ``rollout.n`` completions of each planned prompt (or, with an
+environment, play ``rollout.n`` multi-turn episodes of it: ``actors/episodes.py``), the reward actors score them,
+and groups that cannot teach anything leave the step (a failed reward with ``reward.on_failure = drop_group``;
+all-equal rewards with ``algo.dynamic_sampling``, refilled by more prompts)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Callable
 import torch
 
 from actors.config import ChorusConfig
+from actors.episodes import EnvGroup, Limits, play
 from actors.group import ActorGroup, Interrupted
 from actors.metrics import Metrics
 from actors.records import Rollouts, StepPlan, component_means
@@ -54,10 +56,13 @@ class RolloutMaker:
     (``rewards``). ``engine_version()`` is the policy version the engines hold when the rollouts are made."""
 
     def __init__(self, cfg: ChorusConfig, prompts: list[dict], prompt_ids: list[list[int]], rollouts: ActorGroup,
-                 rewards: ActorGroup, metrics: Metrics, stopping: threading.Event, engine_version: Callable[[], int]):
+                 rewards: ActorGroup, metrics: Metrics, stopping: threading.Event, engine_version: Callable[[], int],
+                 *, envs: ActorGroup | None = None, renderer=None):
         self.cfg, self.prompts, self.prompt_ids = cfg, prompts, prompt_ids
         self.rollouts, self.rewards, self.metrics = rollouts, rewards, metrics
         self.stopping, self.engine_version = stopping, engine_version
+        self.envs, self.renderer = (EnvGroup(envs) if envs is not None else None), renderer
+        self.limits = Limits.of(cfg)
 
     def __call__(self, plan: StepPlan) -> Rollouts:
         """Generate and score the step's on-policy rows (none when mu = 1), prompt-major in groups of rollout.n.
@@ -121,11 +126,17 @@ class RolloutMaker:
         spec = SamplingSpec(n=rc.n, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
                             seed=random.Random(key).getrandbits(48))
         t = time.perf_counter()
-        completions = self.sample([self.prompt_ids[i] for i in prompt_ids], spec)
-        phase["generate"] = phase.get("generate", 0.0) + time.perf_counter() - t
-        rows = [self.prompts[prompt_ids[c.prompt_index]] for c in completions]
+        rows = [self.prompts[i] for i in prompt_ids]
+        completions = self.rollout(rows, [self.prompt_ids[i] for i in prompt_ids], spec)
+        env_seconds = sum(c.episode["env_seconds"] for c in completions if c.episode)
+        phase["generate"] = phase.get("generate", 0.0) + time.perf_counter() - t - env_seconds
+        if self.envs is not None:
+            phase["env"] = phase.get("env", 0.0) + env_seconds
+        rows = [rows[c.prompt_index] for c in completions]
         t = time.perf_counter()
         scored = self.score(rows, [c.text for c in completions])
+        if self.envs is not None:
+            self._add_returns(scored, completions)
         phase["reward"] = phase.get("reward", 0.0) + time.perf_counter() - t
         if a.overlong_buffer:  # DAPO's soft overlong punishment, a component of the reward like any other
             penalty = overlong_penalty(torch.tensor([len(c.token_ids) for c in completions]),
@@ -141,14 +152,43 @@ class RolloutMaker:
                 log.warning("step %d: dropped %d of %d prompt groups whose reward failed: %s", step,
                             len(dropped), len(prompt_ids), [self.prompts[i]["prompt"][:80] for i in dropped])
             completions, scored = [completions[i] for i in keep], [scored[i] for i in keep]
-        return [(self.prompt_ids[prompt_ids[c.prompt_index]], c) for c in completions], scored, dropped
+        return [((c.episode or {}).get("prompt_ids") or self.prompt_ids[prompt_ids[c.prompt_index]], c)
+                for c in completions], scored, dropped
 
     def sample(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Completion]:
-        """``spec.n`` completions of each prompt from the engines (also what evaluations generate with)."""
+        """``spec.n`` completions of each prompt from the engines (one turn)."""
         return generate(self.rollouts, prompts, spec, on_pending=self.metrics.queue.labels("rollout").set)
+
+    def rollout(self, rows: list[dict], prompts: list[list[int]], spec: SamplingSpec) -> list[Completion]:
+        """``spec.n`` rollouts of each prompt (``rows`` are their data rows): one turn each, or with an environment
+        a multi-turn episode each. What training and evaluations generate with."""
+        if self.envs is None:
+            return self.sample(prompts, spec)
+        return play(self.sample, self.envs, rows, prompts, spec, self.renderer, self.limits)
+
+    def _add_returns(self, scored: list[Scored], completions: list[Completion]) -> None:
+        """Each episode's return (the sum of its step rewards) as the reward component ``env``, weighted by
+        ``env.reward_weight``; an episode whose environment failed gets ``reward.fallback`` and counts as a failure
+        of ``env`` (logged once a step)."""
+        failed = [c.episode["error"] for c in completions if c.episode["error"]]
+        for s, c in zip(scored, completions):
+            value = c.episode["return"]
+            if c.episode["error"]:
+                s.failed.append("env")
+                value = self.cfg.reward.fallback
+            s.components["env"] = value
+            s.total += self.cfg.env.reward_weight * value
+        self.metrics.env_failures.inc(len(failed))
+        if failed:
+            outcome = ("their groups are dropped" if self.cfg.reward.on_failure == "drop_group"
+                       else "fallback score used")
+            log.warning("environment failed %d of %d episodes (%s); the first: %s", len(failed), len(completions),
+                        outcome, failed[0])
 
     def score(self, rows: list[dict], responses: list[str]) -> list[Scored]:
         """The reward actors' scores of ``responses`` to ``rows``; failures counted and logged once per reward."""
+        if not self.cfg.reward.functions:  # an environment's return is the whole reward
+            return [Scored(total=0.0) for _ in responses]
         idx = chunks(list(range(len(rows))), len(self.rewards))
         results = self.rewards.map(
             lambda a, s: a.score.remote([rows[i]["prompt"] for i in s], [responses[i] for i in s], [rows[i] for i in s]),

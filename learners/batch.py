@@ -29,6 +29,9 @@ class TrainBatch:
     old_values: list[list[float]] | None = None  # the critic's before this step (value clipping)
     returns: list[list[float]] | None = None  # the critic's targets (GAE)
     behaviour_logprobs: list[list[float]] | None = None  # the engine's, when old_logprobs are the learner's
+    # 1 on the response tokens the loss covers, 0 on those it does not: an environment's observations inside a
+    # multi-turn rollout, the user and tool turns of an expert conversation. None: every response token counts
+    loss_mask: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -44,18 +47,26 @@ class TrainBatch:
         others waiting forever)."""
         return TrainBatch(input_ids=[[0, 0]], prompt_lens=[2], old_logprobs=[[]], advantages=[[]], is_expert=[False],
                           **{k: None if getattr(self, k) is None else [[]]
-                             for k in OPTIONAL})
+                             for k in (*OPTIONAL, "loss_mask")})
+
+    def trained_tokens(self) -> list[int]:
+        """[B] each row's response tokens that the loss covers."""
+        if self.loss_mask is None:
+            return [len(x) - p for x, p in zip(self.input_ids, self.prompt_lens)]
+        return [sum(m) for m in self.loss_mask]
 
     def token_counts(self) -> tuple[int, int]:
-        """(on-policy response tokens, expert response tokens): the normalisers of the two loss terms."""
-        rl = sum(len(x) - p for x, p, e in zip(self.input_ids, self.prompt_lens, self.is_expert) if not e)
-        sft = sum(len(x) - p for x, p, e in zip(self.input_ids, self.prompt_lens, self.is_expert) if e)
+        """(on-policy response tokens, expert response tokens) that the loss covers: the normalisers of the two
+        loss terms."""
+        tokens = self.trained_tokens()
+        rl = sum(n for n, e in zip(tokens, self.is_expert) if not e)
+        sft = sum(n for n, e in zip(tokens, self.is_expert) if e)
         return rl, sft
 
     def counts(self) -> dict[str, int]:
         """The global normalisers a learner rank needs: RL tokens, RL sequences with tokens, expert tokens."""
         rl, sft = self.token_counts()
-        seqs = sum(1 for x, p, e in zip(self.input_ids, self.prompt_lens, self.is_expert) if not e and len(x) > p)
+        seqs = sum(1 for n, e in zip(self.trained_tokens(), self.is_expert) if not e and n > 0)
         return {"n_rl_tokens": rl, "n_rl_seqs": seqs, "n_sft_tokens": sft}
 
 
@@ -84,7 +95,7 @@ class Tensors:
     input_ids: torch.Tensor  # [B, L] right-padded with pad_id
     attention_mask: torch.Tensor  # [B, L]
     targets: torch.Tensor  # [B, L-1] = input_ids[:, 1:]
-    mask: torch.Tensor  # [B, L-1] 1.0 where targets[b, t] is a response token
+    mask: torch.Tensor  # [B, L-1] 1.0 where targets[b, t] is a response token the loss covers (loss_mask)
     is_expert: torch.Tensor  # [B] bool
     # [B, L-1], each row's per-token values at its response positions and 0 elsewhere (None where the batch has none)
     old_logprobs: torch.Tensor
@@ -108,7 +119,8 @@ def collate(batch: TrainBatch, pad_id: int, device: str | torch.device = "cpu") 
         n = len(ids)
         input_ids[i, :n] = torch.tensor(ids)
         attention[i, :n] = 1
-        mask[i, p - 1 : n - 1] = 1.0
+        mask[i, p - 1 : n - 1] = 1.0 if batch.loss_mask is None else torch.tensor(batch.loss_mask[i],
+                                                                                   dtype=torch.float32)
         for k, out in per_token.items():
             out[i, p - 1 : n - 1] = torch.tensor(getattr(batch, k)[i], dtype=torch.float32)
     return Tensors(

@@ -1,4 +1,5 @@
-"""A reward function in a child process of its own, so that one that hangs can be killed.
+"""A reward function (or an environment: ``rewards/env_worker.py``) in a child process of its own, so that one that
+hangs can be killed.
 
 The reward actor calls a :class:`ProcessReward` like the function. The child (``python -m rewards.isolation``) loads
 the function once (a class builds its model there) and answers calls over a pair of pipes in msgpack: prompts,
@@ -100,17 +101,22 @@ def _sendable(score):
     return score
 
 
-class ProcessReward:
-    """``ProcessReward(name, args)(prompts, responses, **fields)`` runs reward ``name`` (built with ``args`` as
-    :func:`rewards.registry.load` does) in a child process. The constructor starts the process; :meth:`await_ready`
-    waits until the function is loaded (``start_timeout_s``) and raises if it cannot be. :meth:`submit` then
-    :meth:`result` run several in parallel."""
+class ChildProcess:
+    """A child process (``python -m MODULE``) that loads one object from a spec and answers requests over a pair of
+    pipes in msgpack (:func:`serve` is its side). The constructor starts it; :meth:`await_ready` waits until the
+    object is loaded (``start_timeout_s``) and raises if it cannot be; :meth:`send` then :meth:`reply` make one
+    call. A call past its deadline, a death or a broken protocol kills the child and starts a fresh one at once.
+    ``what`` names the object in errors ("reward", "environment"); ``doing`` what a call does ("scoring")."""
 
-    def __init__(self, name: str, args: dict | None = None, *, start_timeout_s: float = 600.0):
-        self.name, self.args, self.start_timeout_s = name, dict(args or {}), start_timeout_s
+    MODULE = "rewards.isolation"
+    doing = "working"
+
+    def __init__(self, spec: dict, *, start_timeout_s: float = 600.0):
+        self.spec, self.start_timeout_s = spec, start_timeout_s
         self.proc: subprocess.Popen | None = None
         self.kills = 0  # processes killed at a deadline (a call's, or loading's)
         self.deaths = 0  # processes that died by themselves
+        self.starts = 0  # processes started (the first included)
         self._calls = 0  # request ids: a reply to an abandoned request is never taken for the current one's
         self._start()
 
@@ -118,12 +124,12 @@ class ProcessReward:
 
     def _start(self) -> None:
         # Its own TMPDIR, removed when it is killed: what it leaves there (a sandbox's working copy) goes with it.
-        self.tmpdir = tempfile.mkdtemp(prefix="chorus-reward-")
+        self.tmpdir = tempfile.mkdtemp(prefix="chorus-child-")
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rewards.isolation", str(req_r), str(resp_w), str(os.getpid())],
+                [sys.executable, "-m", self.MODULE, str(req_r), str(resp_w), str(os.getpid())],
                 pass_fds=(req_r, resp_w), start_new_session=True,  # its own process group, killed as one
                 env={**os.environ, "TMPDIR": self.tmpdir},
             )
@@ -135,12 +141,13 @@ class ProcessReward:
         finally:
             os.close(req_r)  # the child's ends
             os.close(resp_w)
+        self.starts += 1
         self._requests = os.fdopen(req_w, "wb")
         self._responses = resp_r
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE)
         self.ready = False
         self.started_at = time.monotonic()
-        self._send({"name": self.name, "args": self.args, "sys_path": sys.path})  # the user's modules too
+        self._send({**self.spec, "sys_path": sys.path})  # the user's modules too
 
     def await_ready(self) -> None:
         msg = self._receive(self.started_at + self.start_timeout_s, "loading")
@@ -195,23 +202,24 @@ class ProcessReward:
 
     # --- calls ------------------------------------------------------------------------------------------------
 
-    def submit(self, prompts: list[str], responses: list[str], **fields) -> None:
-        """Send one batch. A process killed at the last call's deadline was replaced at once; if it is still
+    def send(self, request: dict) -> None:
+        """Send one request. A process killed at the last call's deadline was replaced at once; if it is still
         loading, it is waited for first (up to ``start_timeout_s``, not counted in the call's timeout)."""
         if self.proc is None:  # its last replacement failed to load
             self._start()
         if not self.ready:
             self.await_ready()
         self._calls += 1
-        self._send({"id": self._calls, "prompts": prompts, "responses": responses, "fields": fields})
+        self._send({"id": self._calls, **request})
 
-    def result(self, timeout: float) -> list:
-        """The scores of the batch sent last, waiting at most ``timeout`` seconds."""
+    def reply(self, timeout: float) -> dict:
+        """The reply to the request sent last, waiting at most ``timeout`` seconds; raises
+        :class:`RewardCallError` if the child failed it (``"error"`` in the reply) or failed itself."""
         deadline = time.monotonic() + timeout
         try:
-            msg = self._receive(deadline, "scoring")
+            msg = self._receive(deadline, self.doing)
             while msg.get("id") != self._calls:  # the reply to a call abandoned without its result
-                msg = self._receive(deadline, "scoring")
+                msg = self._receive(deadline, self.doing)
         except Exception as exc:
             if self.proc is not None:  # not killed yet: whatever broke, this process is not trusted again
                 self._kill()
@@ -221,14 +229,15 @@ class ProcessReward:
             raise RewardCallError(f"broke the pipe protocol ({type(exc).__name__}: {exc})") from exc
         if "error" in msg:
             raise RewardCallError(msg["error"])
-        return msg["scores"]
+        return msg
 
-    def __call__(self, prompts: list[str], responses: list[str], **fields) -> list:
-        self.submit(prompts, responses, **fields)
-        return self.result(self.start_timeout_s)
+    def reply_to(self, request: dict, timeout: float) -> dict:
+        """:meth:`send` then :meth:`reply`."""
+        self.send(request)
+        return self.reply(timeout)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """End the child: it exits (calling the reward's ``close()`` if it has one) when its request pipe closes; it
+        """End the child: it exits (calling the object's ``close()`` if it has one) when its request pipe closes; it
         is killed if it has not within ``timeout_s``."""
         if self.proc is None:
             return
@@ -241,17 +250,44 @@ class ProcessReward:
         self._kill()  # and whatever it left behind in its group
 
 
+class ProcessReward(ChildProcess):
+    """``ProcessReward(name, args)(prompts, responses, **fields)`` runs reward ``name`` (built with ``args`` as
+    :func:`rewards.registry.load` does) in a child process. :meth:`submit` then :meth:`result` run several in
+    parallel."""
+
+    doing = "scoring"
+
+    def __init__(self, name: str, args: dict | None = None, *, start_timeout_s: float = 600.0):
+        self.name, self.args = name, dict(args or {})
+        super().__init__({"name": self.name, "args": self.args}, start_timeout_s=start_timeout_s)
+
+    def submit(self, prompts: list[str], responses: list[str], **fields) -> None:
+        """Send one batch (:meth:`ChildProcess.send`)."""
+        self.send({"prompts": prompts, "responses": responses, "fields": fields})
+
+    def result(self, timeout: float) -> list:
+        """The scores of the batch sent last, waiting at most ``timeout`` seconds."""
+        return self.reply(timeout)["scores"]
+
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> list:
+        self.submit(prompts, responses, **fields)
+        return self.result(self.start_timeout_s)
+
+
 # --- inside the child -------------------------------------------------------------------------------------------
 
 
-def _serve(requests_fd: int, responses_fd: int, parent: int) -> int:
+def serve(requests_fd: int, responses_fd: int, parent: int, load, handle) -> int:
+    """The child's loop: read the spec, ``load(spec)`` the object (a failure is reported and ends the child), then
+    answer each request with ``handle(obj, request)``'s dict (an exception fails that request, reported with where
+    it was raised) until the parent closes the pipe; then the object's ``close()``, if it has one."""
     # Killed when the parent dies. Strictly, when the parent *thread* that started it ends: the reward actor starts
     # and restarts these from one thread that lives as long as it does (a Ray actor's methods run on its main
     # thread).
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the line above ran
         return 1
-    for fd in (requests_fd, responses_fd):  # what the reward forks must not hold our pipes open
+    for fd in (requests_fd, responses_fd):  # what the object forks must not hold our pipes open
         os.set_inheritable(fd, False)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = os.fdopen(responses_fd, "wb")
@@ -278,28 +314,40 @@ def _serve(requests_fd: int, responses_fd: int, parent: int) -> int:
     spec = next(unpacker)
     sys.path[:] = [*spec["sys_path"], *(p for p in sys.path if p not in spec["sys_path"])]
     try:
-        from rewards.registry import load
-
-        fn = load(spec["name"], spec["args"])
+        obj = load(spec)
     except Exception as exc:  # noqa: BLE001  (reported to the parent, which fails the actor's start)
         reply({"error": f"raised {type(exc).__name__}: {exc}"})
         return 1
     reply({"ready": os.getpid()})
     for request in unpacker:  # until the parent closes the pipe
         try:
-            scores = fn(request["prompts"], request["responses"], **request["fields"])
-            reply({"id": request["id"], "scores": list(scores)})
-        except Exception as exc:  # noqa: BLE001  (the parent counts it as this batch's failure)
-            where = traceback.extract_tb(exc.__traceback__)[-1]
-            reply({"id": request["id"], "error": f"raised {type(exc).__name__}: {exc} (at "
-                                                 f"{os.path.basename(where.filename)}:{where.lineno})"})
-    if hasattr(fn, "close"):  # a class's resources (a model server, files)
+            reply({"id": request["id"], **handle(obj, request)})
+        except Exception as exc:  # noqa: BLE001  (the parent counts it as this request's failure)
+            reply({"id": request["id"], "error": raised(exc)})
+    if hasattr(obj, "close"):  # a class's resources (a model server, files)
         try:
-            fn.close()
+            obj.close()
         except Exception as exc:  # noqa: BLE001
-            log.warning("reward %s: close() raised %s: %s", spec["name"], type(exc).__name__, exc)
+            log.warning("%s: close() raised %s: %s", spec["name"], type(exc).__name__, exc)
     return 0
 
 
+def raised(exc: BaseException) -> str:
+    """"raised ValueError: ... (at file.py:12)": an exception as a predicate, with where it was raised."""
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
+    return f"raised {type(exc).__name__}: {exc}{at}"
+
+
+def _load_reward(spec: dict):
+    from rewards.registry import load
+
+    return load(spec["name"], spec["args"])
+
+
+def _score(fn, request: dict) -> dict:
+    return {"scores": list(fn(request["prompts"], request["responses"], **request["fields"]))}
+
+
 if __name__ == "__main__":
-    sys.exit(_serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
+    sys.exit(serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), _load_reward, _score))

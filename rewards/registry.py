@@ -143,7 +143,11 @@ def check_args(name: str, args: dict) -> None:
     class's ``__init__``, a value that does not match that parameter's annotation, a required one missing, or what a
     class's static ``check_args(**args)`` rejects. Builds nothing, so a model a class loads is not loaded here."""
     target = resolve(name)
-    target = getattr(target, "per_sample", target)
+    check_target_args(getattr(target, "per_sample", target), name, args)
+
+
+def check_target_args(target, name: str, args: dict, kind: str = "reward") -> None:
+    """:func:`check_args` for a function or class already resolved (a reward, or an environment: ``kind``)."""
     is_class = inspect.isclass(target)
     try:
         params = inspect.signature(target).parameters
@@ -163,19 +167,19 @@ def check_args(name: str, args: dict) -> None:
             hint = (f"'{arg}' is a parameter that row fields fill; declare it after `*` to take it from args"
                     if arg in params and params[arg].kind is not params[arg].VAR_KEYWORD else
                     f"it takes {sorted(declared)} ({where})" if declared else f"it takes no args ({where})")
-            raise RewardArgError(f"reward '{name}' takes no arg '{arg}': {hint}", arg)
+            raise RewardArgError(f"{kind} '{name}' takes no arg '{arg}': {hint}", arg)
         annotation = _annotation(declared[arg], scope)
         if not _matches(value, annotation):
-            raise RewardArgError(f"reward '{name}': arg '{arg}' must be {_describe(declared[arg], annotation)}, got "
+            raise RewardArgError(f"{kind} '{name}': arg '{arg}' must be {_describe(declared[arg], annotation)}, got "
                                  f"{type(value).__name__} {_short(value)}", arg)
     missing = [n for n, p in declared.items() if p.default is p.empty and n not in args]
     if missing:
-        raise RewardArgError(f"reward '{name}' needs arg '{missing[0]}' ({where})", missing[0])
+        raise RewardArgError(f"{kind} '{name}' needs arg '{missing[0]}' ({where})", missing[0])
     if is_class and hasattr(target, "check_args"):  # the class's own checks, e.g. the judge's template
         try:
             target.check_args(**args)
         except (TypeError, ValueError, FileNotFoundError) as exc:
-            raise RewardArgError(f"reward '{name}': {exc}") from None
+            raise RewardArgError(f"{kind} '{name}': {exc}") from None
 
 
 def _annotation(param: inspect.Parameter, scope: dict):

@@ -1,9 +1,10 @@
-"""Data sets: JSONL / Parquet rows with documented fields, a shuffling cursor, and the synthetic from-scratch tasks.
+"""Data sets: JSONL, Parquet or Hugging Face ``datasets`` rows with documented fields, a shuffling cursor, and the
+synthetic from-scratch tasks.
 
-Fields:
-- prompt set and held-out set: ``prompt`` (str, the exact text the model continues), ``answer`` (str, the
-  reference the reward compares with); any other field is kept and passed to reward functions as metadata.
-- expert set: ``prompt`` (str) and ``response`` (str, the demonstration the SFT term imitates).
+Fields (the chat forms, ``messages`` or lists of messages in ``prompt`` / ``completion``: ``rollout/chat.py``):
+- prompt set and held-out set: ``prompt`` (str, the exact text the model continues, or a conversation), ``answer``
+  (str, the reference the reward compares with); any other field is kept and passed to reward functions as metadata.
+- expert set: ``prompt`` (str) and ``response`` (str, the demonstration the SFT term imitates), or a conversation.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-REQUIRED = {"prompts": ("prompt", "answer"), "eval": ("prompt", "answer"), "expert": ("prompt", "response"),
-            "responses": ("prompt", "response")}  # the input of `chorus reward score`
+from rollout.chat import check_row
 
 
 class DataError(ValueError):
@@ -23,13 +23,15 @@ class DataError(ValueError):
 
 
 def load_rows(path: str | Path, kind: str, skipped: list[str] | None = None) -> list[dict]:
-    """Read a JSONL or Parquet file of ``kind`` (prompts | expert | eval | responses) and check the required
-    fields. A bad row raises :class:`DataError` naming the file and line and saying what is wrong; or, when a
-    ``skipped`` list is given, it is left out and its message appended there (``data.on_bad_row: skip``). A file
-    that cannot be read at all, or has no good row, raises."""
+    """Read a JSONL or Parquet file, or a directory written by ``datasets``' ``save_to_disk``, of ``kind`` (prompts |
+    expert | eval | responses) and check each row's fields (:func:`rollout.chat.check_row`). A bad row raises
+    :class:`DataError` naming the file and line (row) and saying what is wrong; or, when a ``skipped`` list is given,
+    it is left out and its message appended there (``data.on_bad_row: skip``). A file that cannot be read at all, or
+    has no good row, raises."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: {kind} data file not found")
+    if not path.is_file() and not (path.is_dir() and _is_hf_dataset(path)):
+        what = "is a directory that no `datasets` save_to_disk wrote" if path.is_dir() else "not found"
+        raise DataError(f"{path}: {kind} data file {what}")
 
     def bad(message: str) -> None:
         if skipped is None:
@@ -37,20 +39,44 @@ def load_rows(path: str | Path, kind: str, skipped: list[str] | None = None) -> 
         skipped.append(message)
 
     try:
-        rows, where = _read_parquet(path) if path.suffix == ".parquet" else _read_jsonl(path, bad)
+        if path.is_dir():
+            rows, where = _read_hf_dataset(path)
+        else:
+            rows, where = _read_parquet(path) if path.suffix == ".parquet" else _read_jsonl(path, bad)
     except OSError as exc:
         raise DataError(f"{path}: cannot read the {kind} data file ({exc.strerror or exc})") from None
     good = []
     for row, loc in zip(rows, where):
         if not isinstance(row, dict):
             bad(f"{loc}: a row must be a JSON object, got {type(row).__name__}")
-        elif missing := next((key for key in REQUIRED[kind] if not isinstance(row.get(key), str)), None):
-            bad(f"{loc}: field '{missing}' (a string) is missing")
+        elif error := check_row(row, kind):
+            bad(f"{loc}: {error}")
         else:
             good.append(row)
     if not good:
         raise DataError(f"{path}: no rows" + (f" ({len(skipped)} bad ones skipped)" if skipped else ""))
     return good
+
+
+def _is_hf_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _read_hf_dataset(path: Path) -> tuple[list, list[str]]:
+    """The rows of a ``Dataset`` saved with ``save_to_disk``; a ``DatasetDict`` of one split is that split."""
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(str(path))
+    except (ValueError, OSError, datasets.exceptions.DatasetsError) as exc:
+        raise DataError(f"{path}: not a readable `datasets` directory ({exc})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if len(data) != 1:
+            raise DataError(f"{path}: a DatasetDict of splits {', '.join(data)}: name one, e.g. "
+                            f"{path / next(iter(data))}")
+        path, data = path / next(iter(data)), next(iter(data.values()))
+    rows = data.to_list()
+    return rows, [f"{path}: row {i + 1}" for i in range(len(rows))]
 
 
 # A JSON string escape of a UTF-16 surrogate: a lone one (not text, unencodable as UTF-8) fails far from here, in

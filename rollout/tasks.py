@@ -77,6 +77,41 @@ FAMILIES: dict[str, Callable[[random.Random], Instance]] = {
 }
 
 
+# Tool demonstrations: a family's expert conversation that calls a tool (``rewards/envs.py: Tools``) and answers with
+# its result: tool -> {family: the call's argument from the prompt}.
+TOOL_DEMOS: dict[str, dict[str, Callable[[str], str]]] = {
+    "calc": {"add2": lambda prompt: prompt.removesuffix("="), "add3": lambda prompt: prompt.removesuffix("=")},
+}
+
+
+def as_chat(sets: dict[str, list[dict]], tool: str = "") -> dict[str, list[dict]]:
+    """The rows of :func:`make_task_sets` as conversations: a prompt becomes ``messages`` of one user turn; an expert
+    row a user turn and the assistant's answer, or with ``tool``, the assistant's call of the tool
+    (``<calc>347+285</calc>``), the tool's result and the answer.
+
+    >>> as_chat({"expert": [{"prompt": "1+2=", "response": "3", "family": "add2"}]}, "calc")["expert"][0]["messages"]
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [{'role': 'user', 'content': '1+2='}, {'role': 'assistant', 'content': '<calc>1+2</calc>'},
+     {'role': 'tool', 'content': '3'}, {'role': 'assistant', 'content': '3'}]
+    """
+    def turns(row: dict) -> list[dict]:
+        user = {"role": "user", "content": row["prompt"]}
+        if "response" not in row:
+            return [user]
+        answer = {"role": "assistant", "content": row["response"]}
+        if not tool:
+            return [user, answer]
+        call = TOOL_DEMOS[tool][row["family"]](row["prompt"])
+        return [user, {"role": "assistant", "content": f"<{tool}>{call}</{tool}>"},
+                {"role": "tool", "content": row["response"]}, answer]
+
+    def convert(row: dict) -> dict:
+        rest = {k: v for k, v in row.items() if k not in ("prompt", "response")}
+        return {"messages": turns(row), **rest}
+
+    return {name: [convert(r) for r in rows] for name, rows in sets.items()}
+
+
 def held_out(family: str, seed: int, num: int) -> list[Instance]:
     """The family's ``num`` held-out instances: distinct prompts, a function of (family, seed, num) alone."""
     rng = random.Random(f"chorus-held-out-{family}-{seed}")

@@ -1,8 +1,9 @@
 """Build a tiny Llama-type model and a character-level tokenizer from a JSON recipe, deterministically.
 
 The recipe (configs/models/*.json) holds ``seed``, ``chars`` (the vocabulary besides the special tokens) and
-``llama`` (LlamaConfig fields). The same recipe always gives the same weights, so a cache directory named after
-the recipe's hash can be reused: nothing is downloaded, and vLLM and transformers both load the result.
+``llama`` (LlamaConfig fields); the tokenizer also carries a chat template (``CHAT_TEMPLATE``). The same recipe always
+gives the same weights, so a cache directory named after the recipe's hash can be reused: nothing is downloaded, and
+vLLM and transformers both load the result.
 """
 
 from __future__ import annotations
@@ -15,12 +16,27 @@ import tempfile
 from pathlib import Path
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+# The chat template of every model built here (and of models/base): one letter and a colon open a turn (S: system,
+# U: user, T: tool, A: assistant), a newline ends it and the end token ends the assistant's, which is where its
+# generation stops. Short, since a character is a token, and each turn appended to the ones before it
+# (rollout/chat.py renders conversations turn by turn).
+CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' -%}{{ 'A:' + m['content'] + eos_token }}"
+    "{%- elif m['role'] in ('system', 'user', 'tool') -%}{{ m['role'][0] | upper + ':' + m['content'] + '\n' }}"
+    "{%- else -%}{{ raise_exception('unknown role ' + m['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'A:' }}{%- endif -%}"
+)
+# Part of the cache key: a model built before the tokenizer changed (before the chat template) is built again.
+TOKENIZER_VERSION = b"chat-1"
 
 
 def recipe_dir(recipe: str | Path) -> Path:
     """Where a recipe's model lives: $CHORUS_CACHE (default ~/.cache/chorus)/models/<name>-<hash>."""
     recipe = Path(recipe)
-    digest = hashlib.sha256(recipe.read_bytes()).hexdigest()[:10]
+    digest = hashlib.sha256(recipe.read_bytes() + TOKENIZER_VERSION).hexdigest()[:10]
     root = Path(os.environ.get("CHORUS_CACHE", Path.home() / ".cache" / "chorus"))
     return root / "models" / f"{recipe.stem}-{digest}"
 
@@ -36,7 +52,8 @@ def build_tokenizer(chars: str):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one character, one token
     tok.decoder = decoders.Fuse()  # join characters without spaces
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
     )
 
 

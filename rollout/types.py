@@ -28,8 +28,24 @@ class Completion:
     prompt_index: int  # index of the prompt in the request this answers
     token_ids: list[int]  # [T_i] response tokens, the stop token included when it was generated
     logprobs: list[float]  # [T_i] behaviour log-probabilities of token_ids under the engine's weights
-    text: str  # detokenised response without special tokens
-    finish_reason: str  # "stop" (EOS) | "length" (max_new_tokens)
+    text: str  # detokenised response without special tokens; of a multi-turn episode, the model's last turn
+    finish_reason: str  # "stop" (EOS; an episode: the environment ended it) | "length" (max_new_tokens; an episode:
+    #                     its token budget) | "turns" (an episode that reached env.max_turns)
+    # A multi-turn episode (env.name set): token_ids hold the model's turns and the observations between them
+    loss_mask: list[int] | None = None  # [T_i] 1 = a token the model generated, 0 = an observation's; None = all 1
+    episode: dict | None = None  # {"turns", "return", "rewards" (per step), "info" (summed), "error", "env_seconds"}
+
+
+@dataclass
+class EnvStep:
+    """An environment's answer for one episode (``rewards/envs.py``): to ``reset`` (its observation only) or
+    ``step``."""
+
+    observation: dict | None = None  # {"role": str, "content": str}: a turn said to the model; None = nothing
+    reward: float = 0.0
+    done: bool = False
+    info: dict[str, float] = field(default_factory=dict)  # counters of this step (tool_calls, ...)
+    error: str = ""  # why the episode failed (the environment raised, hung or died); "" = it did not
 
 
 @dataclass

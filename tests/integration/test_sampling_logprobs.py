@@ -102,3 +102,38 @@ def test_nucleus_is_vllms_top_p(engine):
         removed = masked == -math.inf
         assert removed.any()
         assert torch.equal(nucleus_mask(z, top_p), removed), top_p
+
+
+def test_multi_turn_episodes_keep_the_engines_logprobs_and_mask_the_observations(engine, learner_model, tokenizer):
+    """Episodes of the guessing game on each engine: every token the model generated carries the engine's
+    log-probability of it under the sampling distribution, which the learner recomputes over the whole episode (the
+    game's answers in between); the game's tokens are masked and carry 0."""
+    from actors.episodes import Limits, play
+    from rewards.env_worker import EnvWorker
+    from rollout.chat import ChatRenderer
+
+    rows = [{"prompt": p, "answer": "", "secret": 500} for p in PROMPTS]
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    spec = SamplingSpec(n=2, max_new_tokens=8, temperature=0.7, top_p=0.9, seed=99)
+    worker = EnvWorker("guess", {"low": 0, "high": 999, "max_guesses": 3}, timeout_s=30)
+    try:
+        episodes = play(engine.generate, worker, rows, prompts, spec, ChatRenderer(tokenizer), Limits(3, 48, 8, 64))
+    finally:
+        worker.shutdown()
+    assert len(episodes) == len(PROMPTS) * 2
+    assert max(c.episode["turns"] for c in episodes) >= 2 and all(not c.episode["error"] for c in episodes)
+    assert any(0 in c.loss_mask for c in episodes)  # observations inside the responses
+    worst = 0.0
+    for c in episodes:
+        prompt = prompts[c.prompt_index]
+        with torch.no_grad():
+            logits = learner_model(input_ids=torch.tensor([prompt + c.token_ids])).logits[:, len(prompt) - 1: -1]
+        learner = sampling_logprobs(logits, torch.tensor([c.token_ids]), temperature=0.7, top_p=0.9)[0]  # [T]
+        mask = torch.tensor(c.loss_mask, dtype=torch.bool)
+        engine_lp = torch.tensor(c.logprobs)
+        assert torch.all(engine_lp[~mask] == 0.0)
+        words = tokenizer.decode([t for t, m in zip(c.token_ids, c.loss_mask) if not m])
+        assert words and set(words.replace("higher", "").replace("lower", "").replace("say a number", "")) == set()
+        worst = max(worst, float((engine_lp[mask] - learner[mask]).abs().max()))
+    print(f"\n{engine.name} multi-turn: max |engine - learner| over the model's tokens = {worst:.3g}", end="")
+    assert worst <= 1e-3, worst

@@ -23,7 +23,8 @@ def _engine(answers: dict[str, list[str]], greedy: dict[str, str]):
     """A stand-in for the rollout engines: prompt text -> its completions (the unit under test is the bookkeeping)."""
     calls = []
 
-    def generate(prompts, spec):
+    def generate(rows, prompts, spec):
+        assert ["".join(map(chr, ids)) for ids in prompts] == [r["prompt"] for r in rows]  # the rows of the prompts
         calls.append(spec)
         if spec.temperature:
             assert [len(p) for p in prompts] == [4, 4]  # sampled: the target set's two rows only
@@ -74,4 +75,4 @@ def test_greedy_only_without_samples():
 def test_missing_completions_are_an_error():
     sets = [_set("target", [{"prompt": "a=", "answer": "b"}])]
     with pytest.raises(RuntimeError, match="returned 0 completions for 1 rows"):
-        Evaluator(sets, max_new_tokens=2).run(lambda prompts, spec: [])
+        Evaluator(sets, max_new_tokens=2).run(lambda rows, prompts, spec: [])

@@ -129,7 +129,7 @@ def test_the_alerts_cover_what_ops_asked_for():
     for metric in ("chorus_step", 'chorus_reward_mean{component="total"}', "chorus_kl", "chorus_ref_kl",
                    "chorus_actor_restarts_total", "chorus_reward_failures_total", "chorus_samples_generated_total",
                    "chorus_deadline_exceeded_total", "chorus_checkpoint_timestamp_seconds", "chorus_mismatch_kl",
-                   "up{"):
+                   "chorus_env_failures_total", "chorus_env_episodes_total", "up{"):
         assert metric in joined, metric
     assert "by (job, instance, run, role)" in text["ChorusActorRestarts"]  # one alert per role
 
@@ -182,7 +182,9 @@ def test_dashboard_shows_what_ops_asked_for():
                    "chorus_reward_dropped_groups_total", "chorus_data_rows_skipped_total", "chorus_checkpoint_step",
                    "time() - chorus_checkpoint_timestamp_seconds", "chorus_mismatch_kl", "chorus_is_outside_fraction",
                    "chorus_is_ratio_mean", "chorus_is_weight_mean", "chorus_dual_clip_fraction",
-                   "chorus_filtered_groups_total", "chorus_sample_rounds", "chorus_truncated_responses_total"):
+                   "chorus_filtered_groups_total", "chorus_sample_rounds", "chorus_truncated_responses_total",
+                   "chorus_env_turns", "chorus_env_return", "chorus_env_reward_per_turn", "chorus_env_events_total",
+                   "chorus_env_failures_total", "chorus_env_latency_seconds", 'phase="env"'):
         assert metric in exprs, metric
     stacked = [p for p in DASHBOARD["panels"] if "chorus_step_phase_seconds" in json.dumps(p.get("targets"))
                and p["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"]

@@ -113,7 +113,7 @@ def test_live_endpoint_counters(run_dir, capsys):
         (run_dir / "metrics_url").write_text(m.url + "\n")
         e = _json(capsys, str(run_dir))["endpoint"]
         assert e["live"] and e["url"] == m.url and e["step"] == 25
-        assert e["restarts"] == {"rollout": 2, "reward": 0, "reference": 0, "learner": 1, "critic": 0}
+        assert e["restarts"] == {"rollout": 2, "reward": 0, "env": 0, "reference": 0, "learner": 1, "critic": 0}
         assert e["deadlines_exceeded"]["reward"] == 1 and e["reward_failures"] == {"math": 3}
         assert main(["status", str(run_dir)]) == 0
         out = capsys.readouterr().out
