@@ -310,7 +310,8 @@ class Trainer(Recovery):
         record = {"step": plan.step, "mu": plan.mu, "reward_mean": rollouts.reward_mean,
                   **{k: train.get(k) for k in STEP_METRICS},
                   "optimizer_steps": train["optimizer_steps"], "policy_lag": plan.step - rollouts.version,
-                  "samples": len(rl_rows), "tokens": sum(len(c.token_ids) for _, c in rl_rows),
+                  "samples": len(rl_rows),  # tokens the engines generated (an episode's observations are not)
+                  "tokens": sum(len(c.token_ids) if c.loss_mask is None else sum(c.loss_mask) for _, c in rl_rows),
                   "dropped_groups": len(rollouts.dropped), "filtered_groups": rollouts.filtered,
                   "sample_rounds": rollouts.rounds,
                   "truncated_rows": sum(c.finish_reason == "length" for _, c in rl_rows),
