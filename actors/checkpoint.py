@@ -41,7 +41,7 @@ RESUMABLE = ("train.steps", "train.eval_every", "train.eval_max_rows", "train.ma
              "rollout.num_actors", "rollout.num_cpus", "rollout.num_threads", "rollout.kv_cache_gib",
              "rollout.gpu_memory_utilization", "rollout.deadline_s", "rollout.sync_dir",
              "reward.num_actors", "reward.num_cpus", "reward.timeout_s", "reward.deadline_s",
-             "env.num_actors", "env.num_cpus", "env.timeout_s",
+             "env.num_actors", "env.num_cpus", "env.timeout_s", "env.deadline_s",
              "learner.num_cpus", "learner.num_threads", "learner.deadline_s",
              "critic.num_cpus", "critic.num_threads", "critic.deadline_s",
              "reference.num_actors", "reference.num_cpus", "reference.num_threads")

@@ -290,6 +290,16 @@ def _batch_size(text: str) -> int:
     return value
 
 
+def _tokens(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of tokens >= 0, got {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -336,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     play.add_argument("--args", default="{}", help="keyword arguments of the environment as a JSON object")
     play.add_argument("--max-turns", type=_batch_size, default=4, help="model turns per episode at most")
     play.add_argument("--max-new-tokens", type=_batch_size, default=32, help="--model: tokens per turn at most")
-    play.add_argument("--max-tokens", type=int, default=0, help="--model: response tokens per episode at most, "
+    play.add_argument("--max-tokens", type=_tokens, default=0, help="--model: response tokens per episode at most, "
                                                                 "observations included (0 = the model's context)")
     play.add_argument("--n", type=_batch_size, default=1, help="--model: episodes per row")
     play.add_argument("--temperature", type=float, default=0.0, help="--model: 0 = greedy")

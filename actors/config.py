@@ -68,7 +68,7 @@ class TasksConfig:
     num_eval: int = 200  # held-out rows per evaluated family
     chat: bool = False  # rows as conversations: a user turn (the prompt), the assistant's (the answer)
     tool: str = ""  # chat: "calc" = expert conversations call the calculator first (arithmetic families: add2,
-    #                 add3), for env tools (rollout/tasks.py: with_tool)
+    #                 add3), for env tools (rollout/tasks.py: as_chat)
 
 
 @dataclass
@@ -140,6 +140,8 @@ class EnvConfig:
     timeout_s: float = 30.0  # one env actor's call on its episodes; past it their process is killed, they fail
     num_actors: int = 1
     num_cpus: float = 0.25
+    deadline_s: float = 300.0  # one env actor's call as a whole (its process restarts included); past it the actor
+    #                            is killed and restarted, its episodes fail (0 = no deadline)
 
 
 @dataclass
@@ -203,7 +205,8 @@ class AlgoConfig:
     dual_clip: Optional[float] = None  # e.g. 3.0
     loss_agg: str = "token-mean"  # RL term: token-mean | seq-mean-token-mean | seq-mean-token-sum |
     #                               seq-mean-token-sum-norm (Dr. GRPO: divided by loss_agg_norm tokens per sequence)
-    loss_agg_norm: Optional[float] = None  # seq-mean-token-sum-norm's constant; null = rollout.max_new_tokens
+    loss_agg_norm: Optional[float] = None  # seq-mean-token-sum-norm's constant; null = rollout.max_new_tokens (with an
+    #                                        environment, env.max_tokens: an episode's budget)
     kl_coef: float = 0.0  # KL(policy || frozen reference) penalty; 0 = no reference model
     kl_estimator: str = "k3"  # k1 | k2 | k3: as a loss term k2 follows KL(policy || ref), k3 KL(ref || policy), and
     #                           k1 has zero expected gradient (reward only)
@@ -434,7 +437,7 @@ _RULES = [
         "learner.warmup_steps", "learner.decay_steps", "critic.warmup_steps", "critic.decay_steps",
         "algo.mu_warmup_steps", "algo.mu_hold_steps", "algo.mu_decay_steps", "algo.kl_coef",
         "train.eval_every", "train.eval_max_rows", "train.max_staleness",
-        "rollout.deadline_s", "reward.deadline_s", "learner.deadline_s", "critic.deadline_s",
+        "rollout.deadline_s", "reward.deadline_s", "learner.deadline_s", "critic.deadline_s", "env.deadline_s",
         "train.max_learner_failures", "checkpoint.every", "checkpoint.grace_s", "data.synthetic.num_expert",
         "data.tasks.num_expert", "train.eval_samples", "algo.overlong_buffer", "algo.overlong_penalty",
         "env.max_tokens", "env.reward_weight",
@@ -458,7 +461,7 @@ _RULES = [
     ("algo.expert_ratio", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     ("algo.clip_eps", lambda v: 0 < v < 1, "in (0, 1) (the ratio's lower bound 1 - clip_eps must be > 0)"),
     ("algo.clip_eps_high", lambda v: v is None or v > 0, "> 0 (or null: clip_eps)"),
-    ("algo.loss_agg_norm", lambda v: v is None or v > 0, "> 0 (or null: rollout.max_new_tokens)"),
+    ("algo.loss_agg_norm", lambda v: v is None or v > 0, "> 0 (or null: the response budget)"),
     ("algo.is_cap", lambda v: v > 1.0, "> 1 (importance ratios above it are truncated or masked)"),
     ("checkpoint.grace_s", lambda v: v > 0, "> 0 (seconds to write the checkpoint after SIGTERM)"),
     ("algo.dual_clip", lambda v: v is None or v > 1.0, "> 1 (or null)"),
@@ -568,9 +571,17 @@ def loss_spec(cfg: ChorusConfig) -> LossSpec:
     return LossSpec(
         policy_loss=a.policy_loss, clip_low=a.clip_eps,
         clip_high=a.clip_eps if a.clip_eps_high is None else a.clip_eps_high, dual_clip=a.dual_clip,
-        agg=a.loss_agg, agg_norm=float(a.loss_agg_norm or cfg.rollout.max_new_tokens), sft_weight=a.sft_weight,
+        agg=a.loss_agg, agg_norm=float(a.loss_agg_norm or response_budget(cfg)), sft_weight=a.sft_weight,
         kl_estimator=a.kl_estimator, kl_coef=a.kl_coef if a.kl_penalty == "loss" else 0.0,
         is_correction=a.is_correction, is_cap=a.is_cap, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+
+
+def response_budget(cfg: ChorusConfig) -> int:
+    """The most tokens a rollout's response may hold: rollout.max_new_tokens, or for a multi-turn episode
+    env.max_tokens (0: rollout.max_model_len)."""
+    if cfg.env.name:
+        return cfg.env.max_tokens or cfg.rollout.max_model_len
+    return cfg.rollout.max_new_tokens
 
 
 def advantage_spec(cfg: ChorusConfig) -> AdvantageSpec:
@@ -619,6 +630,11 @@ def validate(cfg: ChorusConfig) -> None:
     if not cfg.reward.functions and not cfg.env.name:
         raise ConfigError("config key 'reward.functions': at least one reward function is needed (or an environment, "
                           "env.name, whose rewards are the rollouts')")
+    if not cfg.env.name:
+        for f in fields(EnvConfig):
+            if getattr(cfg.env, f.name) != getattr(EnvConfig(), f.name):
+                raise ConfigError(f"config key 'env.{f.name}': set, but env.name is empty (single-turn rollouts, "
+                                  f"no environment): set env.name or leave env.{f.name} out")
     if cfg.env.name and needs_critic(cfg.algo.advantage):
         raise ConfigError(f"config key 'algo.advantage': {cfg.algo.advantage} estimates per-token values over a "
                           f"contiguous response; in multi-turn episodes (env.name) observations interleave the "

@@ -20,11 +20,15 @@ or one :class:`rewards.env_worker.EnvWorker` for ``chorus env play``).
 from __future__ import annotations
 
 import itertools
+import logging
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
+from rollout.chat import TemplateError
 from rollout.types import Completion, EnvStep, SamplingSpec
+
+log = logging.getLogger("chorus")
 
 
 class Envs(Protocol):
@@ -80,14 +84,30 @@ def play(generate: Callable[[list[list[int]], SamplingSpec], list[Completion]], 
     prefix = uuid.uuid4().hex[:12]  # keys unique among every episode the env actors hold
     episodes = [Episode(f"{prefix}-{i * spec.n + j}", row, list(ids), row.get("messages"))
                 for i, (row, ids) in enumerate(zip(rows, prompt_ids)) for j in range(spec.n)]
+    try:
+        return _play(generate, envs, episodes, len(rows), spec, renderer, limits)
+    finally:  # the environment did not end these (a limit, or the call failed or was interrupted): drop their state
+        dangling = [e.key for e in episodes if e.finish in ("", "length", "turns")]
+        if dangling:
+            try:
+                envs.close(dangling)
+            except Exception as exc:  # noqa: BLE001  (an error on the way out must not hide the one that ended it)
+                log.warning("could not close %d episodes' environments: %s", len(dangling), exc)
+
+
+def _play(generate, envs: Envs, episodes: list[Episode], num_rows: int, spec: SamplingSpec, renderer,
+          limits: Limits) -> list[Completion]:
     first, env_seconds = envs.reset([e.key for e in episodes], [e.row for e in episodes])
     env_calls = 1
     for e, s in zip(episodes, first):
         if s.error:
             e.end("stop", s.error)
         elif s.observation is not None:
-            e.prompt, e.extended = _with_first_observation(e, s.observation, renderer), True
-    shared = all(episodes[i * spec.n].prompt == e.prompt for i in range(len(rows))
+            try:
+                e.prompt, e.extended = _with_first_observation(e, s.observation, renderer), True
+            except TemplateError as exc:
+                e.end("stop", f"its first observation (role {s.observation['role']!r}) cannot be rendered: {exc}")
+    shared = all(episodes[i * spec.n].prompt == e.prompt for i in range(num_rows)
                  for e in episodes[i * spec.n:(i + 1) * spec.n]) and not any(e.finish for e in episodes)
     for turn in range(limits.max_turns):
         for e in episodes:
@@ -97,9 +117,11 @@ def play(generate: Callable[[list[list[int]], SamplingSpec], list[Completion]], 
         if not running:
             break
         seed = None if spec.seed is None else spec.seed + turn * 1_000_003
-        if turn == 0 and shared and len(running) == len(episodes):  # a prompt's samples start alike: one request
-            outs = generate([episodes[i * spec.n].prompt for i in range(len(rows))],
-                            replace(spec, max_new_tokens=min(_room(e, limits) for e in episodes), seed=seed))
+        rooms = {_room(e, limits) for e in running}
+        if turn == 0 and shared and len(running) == len(episodes) and len(rooms) == 1:
+            # every sample of a prompt starts alike: one request with n samples each (one prefill per prompt)
+            outs = generate([episodes[i * spec.n].prompt for i in range(num_rows)],
+                            replace(spec, max_new_tokens=rooms.pop(), seed=seed))
             turn_out = dict(zip((e.key for e in running), outs))
         else:
             turn_out = _one_turn(generate, running, spec, seed, limits)
@@ -132,9 +154,9 @@ def play(generate: Callable[[list[list[int]], SamplingSpec], list[Completion]], 
                 e.end("turns")
             elif s.observation is not None:
                 _observe(e, s.observation, renderer, limits)
-    dangling = [e.key for e in episodes if e.finish in ("length", "turns")]
-    if dangling:  # the environment did not end them: drop their state
-        envs.close(dangling)
+    for e in episodes:
+        if not e.finish:  # every turn taken and no end said: the turn limit
+            e.end("turns")
     return [_completion(i // spec.n, e, (env_seconds, env_calls) if i == 0 else (0.0, 0))
             for i, e in enumerate(episodes)]
 
@@ -191,8 +213,13 @@ def _observation_ids(e: Episode, observation: dict, renderer) -> list[int]:
 
 
 def _observe(e: Episode, observation: dict, renderer, limits: Limits) -> None:
-    """Append the environment's turn, or end the episode where it would not fit with a token to answer it."""
-    ids = _observation_ids(e, observation, renderer)
+    """Append the environment's turn, or end the episode where it would not fit with a token to answer it (or the
+    chat template cannot render it: the episode fails, its environment's fault or the template's)."""
+    try:
+        ids = _observation_ids(e, observation, renderer)
+    except TemplateError as exc:
+        e.end("stop", f"its observation (role {observation['role']!r}) cannot be rendered: {exc}")
+        return
     if len(e.tokens) + len(ids) >= limits.max_tokens or \
             len(e.prompt) + len(e.tokens) + len(ids) >= limits.max_model_len:
         e.end("length")

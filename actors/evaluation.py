@@ -47,6 +47,11 @@ class EvalSet:
     ids: list[list[int]]  # the prompts' token ids
 
 
+def _generated(c: Completion) -> int:
+    """The tokens the engine generated: an episode's observations are not counted."""
+    return len(c.token_ids) if c.loss_mask is None else sum(c.loss_mask)
+
+
 def _correct(response: str, answer: str) -> bool:
     from rewards.rules import exact_match
 
@@ -84,12 +89,13 @@ class Evaluator:
             answers = [r["answer"] for r in s.rows]
             hits = [_correct(greedy[i][0].text, a) for i, a in zip(rows, answers)]
             m = {"accuracy": sum(hits) / len(hits),
-                 "response_tokens": sum(len(greedy[i][0].token_ids) for i in rows) / len(hits)}
+                 "response_tokens": sum(_generated(greedy[i][0]) for i in rows) / len(hits)}
             episodes = episode_metrics([greedy[i][0] for i in rows])
             if episodes:
                 m.update({"turns": episodes["env/turns"], "return": episodes["env/return"],
                           "env_failures": episodes["env/failures"]})
-                m.update({k.removeprefix("env/info/"): v for k, v in episodes.items() if k.startswith("env/info/")})
+                m.update({name: v for k, v in episodes.items()  # an info counter named like a metric is left out
+                          if k.startswith("env/info/") and (name := k.removeprefix("env/info/")) not in m})
             if sampled is not None and s is self.sets[0]:
                 n = self.samples
                 correct = [sum(_correct(c.text, a) for c in sampled[i]) for i, a in zip(rows, answers)]

@@ -121,7 +121,8 @@ class Metrics:
 
     def _envs(self, r: CollectorRegistry) -> None:
         """Multi-turn episodes (env.name): what the environments did."""
-        self.episodes = Counter("chorus_env_episodes_total", "Multi-turn episodes played for training", registry=r)
+        self.episodes = Counter("chorus_env_episodes_total", "Multi-turn episodes played for training (every sampling "
+                                "round's, those of groups left out included)", registry=r)
         self.env_turns = Gauge("chorus_env_turns", "Mean model turns per episode of the last step", registry=r)
         self.env_return = Gauge("chorus_env_return", "Mean return (sum of the environment's step rewards) of the last "
                                 "step's episodes", registry=r)
@@ -170,8 +171,7 @@ class Metrics:
         for phase in STEP_PHASES:
             self.phase.labels(phase).set(r[f"{phase}_seconds"])
             self.phase_total.labels(phase).inc(r[f"{phase}_seconds"])
-        if r.get("episodes"):
-            self.episodes.inc(r["episodes"])
+        if r.get("episodes"):  # (chorus_env_episodes_total counts where episodes are played: actors/rollouts.py)
             for gauge, key in ((self.env_turns, "env/turns"), (self.env_return, "env/return"),
                                (self.env_turn_reward, "env/reward_per_turn"),
                                (self.env_latency, "env/latency_seconds")):

@@ -177,7 +177,7 @@ def start_envs(cfg: ChorusConfig) -> ActorGroup | None:
     e = cfg.env
     return ActorGroup("env", EnvWorker, e.num_actors, {"CPU": e.num_cpus},
                       lambda rank: dict(name=e.name, args=dict(e.args), timeout_s=e.timeout_s), env=BASE_ENV,
-                      max_restarts=-1, retries=3, deadline_s=max(4 * e.timeout_s, 60.0))
+                      max_restarts=-1, retries=3, deadline_s=e.deadline_s)
 
 
 def start_pools(cfg: ChorusConfig, model_path: str, sync_dir: Path

@@ -178,6 +178,7 @@ class RolloutMaker:
                 value = self.cfg.reward.fallback
             s.components["env"] = value
             s.total += self.cfg.env.reward_weight * value
+        self.metrics.episodes.inc(len(completions))  # every episode played, as the failures: their ratio is a rate
         self.metrics.env_failures.inc(len(failed))
         if failed:
             outcome = ("their groups are dropped" if self.cfg.reward.on_failure == "drop_group"

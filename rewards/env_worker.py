@@ -18,6 +18,7 @@ import sys
 import time
 
 from rewards.isolation import ChildProcess, RewardCallError, raised, serve
+from rollout.chat import ROLES
 from rollout.types import EnvStep
 
 log = logging.getLogger("chorus.envs")
@@ -93,8 +94,10 @@ class _Episodes:
 
     def reset(self, key: str, row: dict) -> dict:
         env = self.make()
-        self.envs[key] = env
-        self.roles[key] = getattr(env, "role", "user")
+        role = getattr(env, "role", "user")
+        if role not in ROLES:
+            raise ValueError(f"its role {role!r} is not one of {', '.join(ROLES)}")
+        self.envs[key], self.roles[key] = env, role
         return {"observation": self._message(key, env.reset(row))}
 
     def step(self, key: str, action: str) -> dict:
@@ -113,12 +116,16 @@ class _Episodes:
                                                  and not isinstance(v, bool) for k, v in info.items()):
             raise TypeError(f"step()'s info must be a dict of names to numbers, got {info!r}")
         message = self._message(key, observation)
-        if done:
-            self.drop(key)
+        if done:  # the episode is over and scored: its close() failing is logged, not the episode's failure
+            try:
+                self.drop(key)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("environment close() raised %s: %s", type(exc).__name__, exc)
         return {"observation": message, "reward": float(reward), "done": done,
                 "info": {k: float(v) for k, v in info.items()}}
 
     def drop(self, key: str) -> None:
+        """Forget the episode (first, so that it is gone even if its close() raises), then close its environment."""
         env = self.envs.pop(key, None)
         self.roles.pop(key, None)
         if env is not None and hasattr(env, "close"):
@@ -146,7 +153,10 @@ def _handle(episodes: _Episodes, request: dict) -> dict:
     results = []
     if op == "close":
         for key in keys:
-            episodes.drop(key)
+            try:
+                episodes.drop(key)
+            except Exception as exc:  # noqa: BLE001  (the others must still be dropped)
+                log.warning("environment close() raised %s: %s", type(exc).__name__, exc)
         return {"results": [{} for _ in keys]}
     items = request["rows"] if op == "reset" else request["actions"]
     for key, item in zip(keys, items):
@@ -156,7 +166,7 @@ def _handle(episodes: _Episodes, request: dict) -> dict:
             try:
                 episodes.drop(key)
             except Exception:  # noqa: BLE001  (its close() may fail the same way; the episode is over anyway)
-                episodes.envs.pop(key, None)
+                pass
             results.append({"error": f"environment {raised(exc)}"})
     return {"results": results}
 

@@ -223,9 +223,15 @@ class GuessNumber:
     role = "user"
 
     def __init__(self, *, low: int = 1, high: int = 100, max_guesses: int = 7):
+        self.check_args(low=low, high=high, max_guesses=max_guesses)
+        self.low, self.high, self.max_guesses = low, high, max_guesses
+
+    @staticmethod
+    def check_args(*, low: int = 1, high: int = 100, max_guesses: int = 7) -> None:
         if low > high:
             raise ValueError(f"low ({low}) > high ({high})")
-        self.low, self.high, self.max_guesses = low, high, max_guesses
+        if max_guesses < 1:
+            raise ValueError(f"max_guesses must be >= 1, got {max_guesses}")
 
     def reset(self, row: dict) -> None:
         secret = row.get("secret")

@@ -106,7 +106,7 @@ class ChildProcess:
     pipes in msgpack (:func:`serve` is its side). The constructor starts it; :meth:`await_ready` waits until the
     object is loaded (``start_timeout_s``) and raises if it cannot be; :meth:`send` then :meth:`reply` make one
     call. A call past its deadline, a death or a broken protocol kills the child and starts a fresh one at once.
-    ``what`` names the object in errors ("reward", "environment"); ``doing`` what a call does ("scoring")."""
+    ``doing`` says in errors what a call does ("scoring")."""
 
     MODULE = "rewards.isolation"
     doing = "working"

@@ -86,12 +86,13 @@ def check_row(row: dict, kind: str) -> str | None:
     raise ValueError(f"unknown data kind {kind!r}")
 
 
-def conversation(row: dict) -> list[dict] | None:
-    """A chat row's messages (for an expert row, prompt and completion joined), or None for a text row."""
+def conversation(row: dict, *, completion: bool = False) -> list[dict] | None:
+    """A chat row's messages, or None for a text row. ``completion``: an expert row's, its ``completion`` joined to
+    its ``prompt`` list (a prompt row's ``completion``, if any, is not its prompt: it would hold the answer)."""
     if "messages" in row:
         return row["messages"]
     if isinstance(row.get("prompt"), list):
-        return row["prompt"] + row.get("completion", [])
+        return row["prompt"] + (row.get("completion", []) if completion else [])
     return None
 
 
@@ -134,11 +135,14 @@ class ChatRenderer:
         turn's content starts; the mask is 1 on assistant content (its end token included) and 0 on the other turns
         and the headers between them; None for a text row (every response token is trained on, and the response
         ends with the end token)."""
-        messages = conversation(row)
+        messages = conversation(row, completion=True)
         if messages is None:
             response = row["response"] if "response" in row else row["completion"]
             return self.tok(row["prompt"]).input_ids, self.ids(response) + [self.tok.eos_token_id], None
-        segments = self.segments(messages)
+        # the prompt-completion form trains on the completion only (TRL's convention): an assistant turn inside the
+        # prompt list is context
+        trained_from = 0 if "messages" in row else len(row["prompt"])
+        segments = self.segments(messages, trained_from)
         first = next(i for i, (_, trained) in enumerate(segments) if trained)
         prompt = [t for text, _ in segments[:first] for t in self.ids(text)]
         response, mask = [], []
@@ -150,9 +154,9 @@ class ChatRenderer:
             raise TemplateError("the template renders nothing before the first assistant turn: no prompt to train on")
         return prompt, response, mask
 
-    def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
-        """The rendered conversation as (text, trained) pieces in order: the assistant turns' content (to the end
-        token) trained, the rest not."""
+    def segments(self, messages: list[dict], trained_from: int = 0) -> list[tuple[str, bool]]:
+        """The rendered conversation as (text, trained) pieces in order: the content (to the end token) of the
+        assistant turns from message ``trained_from`` on trained, the rest not."""
         out: list[tuple[str, bool]] = []
         done = ""  # the rendering of messages[:i]
         for i, m in enumerate(messages):
@@ -164,7 +168,7 @@ class ChatRenderer:
             text = full[len(done):]
             if m["role"] == "assistant":
                 cut = text.find(self.eos) + len(self.eos) if self.eos and self.eos in text else len(text)
-                out += [(text[:cut], True), (text[cut:], False)]
+                out += [(text[:cut], i >= trained_from), (text[cut:], False)]
             else:
                 out.append((text, False))
             done = full

@@ -201,3 +201,23 @@ def test_parquet_conversations_are_read(tmp_path):
     assert load_rows(tmp_path / "e.parquet", "expert") == rows
     write_jsonl(tmp_path / "e.jsonl", rows)
     assert load_rows(tmp_path / "e.jsonl", "expert") == rows
+
+
+def test_the_prompt_completion_form_trains_on_the_completion_only(tok):
+    # an assistant turn inside the prompt list is context, as TRL's prompt-completion form means it
+    row = {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old"},
+                      {"role": "user", "content": "again"}],
+           "completion": [{"role": "assistant", "content": "new"}]}
+    prompt, response, mask = ChatRenderer(tok).expert(row)
+    assert text(tok, prompt) == "U:hi\nA:old</s>U:again\nA:" and text(tok, response) == "new</s>"
+    assert mask == [1, 1, 1, 1]
+    # the same turns as `messages` train on both assistant turns
+    _, response, mask = ChatRenderer(tok).expert({"messages": row["prompt"] + row["completion"]})
+    assert "".join(text(tok, [t]) for t, m in zip(response, mask) if m) == "old</s>new</s>"
+
+
+def test_a_prompt_rows_completion_stays_out_of_its_prompt(tok):
+    row = {"prompt": [{"role": "user", "content": "1+2="}], "completion": [{"role": "assistant", "content": "3"}],
+           "answer": "3"}
+    assert check_row(row, "prompts") is None
+    assert ChatRenderer(tok).prompt(row)[0] == "U:1+2=\nA:"  # not the answer

@@ -114,6 +114,11 @@ def test_wrong_type_in_override(tmp_path, override, key):
     (["critic.autocast=bfloat16", "model.dtype=float16"], "critic.autocast", "are not float32"),
     (["learner.compile=true", "learner.zero_stage=3", "learner.num_actors=2"], "learner.compile", "not verified"),
     (["rollout.compile=true", "rollout.backend=vllm"], "rollout.compile", "set rollout.backend hf"),
+    (["env.name=tools", "algo.advantage=gae"], "algo.advantage", "use grpo or rloo"),
+    (["env.name=tools", "algo.overlong_buffer=4"], "algo.overlong_buffer", "set it to 0"),
+    (["env.name=tools", "env.max_tokens=999"], "env.max_tokens", "does not fit"),
+    (["env.max_turns=2"], "env.max_turns", "env.name is empty"),
+    (["reward.functions=[]"], "reward.functions", "at least one reward function is needed"),
 ])
 def test_algorithm_combinations_that_cannot_mean_what_they_say(tmp_path, overrides, key, why):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}'") + ".*" + re.escape(why)):
@@ -130,6 +135,22 @@ def test_precision_attention_and_threads_are_checked(tmp_path, override, key):
         load_config(write(tmp_path, BASE), [override])
     cfg = load_config(write(tmp_path, BASE), ["learner.autocast=bfloat16", "learner.attention=sdpa"])
     assert (cfg.learner.autocast, cfg.learner.attention, cfg.rollout.num_threads) == ("bfloat16", "sdpa", 0)
+
+
+def test_tool_demonstrations_are_conversations_of_arithmetic_families():
+    for override, why in (("data.tasks.chat=false", "'data.tasks.tool': tool calls are turns of a conversation"),
+                          ("data.tasks.mixture={sortrep: 1.0}", "'data.tasks.mixture': the calc tool's "
+                                                                "demonstrations cover ['add2', 'add3']")):
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            load_config(Path("configs/tool_use.yaml"), [override])
+
+
+def test_an_environment_takes_the_rewards_place_and_its_budget_is_dr_grpos(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["env.name=tools", "reward.functions=[]", "env.max_tokens=100",
+                                              "algo.loss_agg=seq-mean-token-sum-norm"])
+    assert cfg.reward.functions == [] and loss_spec(cfg).agg_norm == 100.0  # an episode's budget, not one turn's
+    cfg = load_config(write(tmp_path, BASE), ["env.name=tools", "algo.loss_agg=seq-mean-token-sum-norm"])
+    assert loss_spec(cfg).agg_norm == float(cfg.rollout.max_model_len)
 
 
 def test_k1_is_accepted_in_the_reward_and_without_a_reference(tmp_path):

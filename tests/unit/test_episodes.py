@@ -276,3 +276,73 @@ def test_environment_args_are_checked_by_name():
         check_env_args("tools", {"tools": {"x": "nope"}})
     with pytest.raises(KeyError, match="environment 'chess' is not registered"):
         check_env_args("chess", {})
+
+
+class Closes:
+    """Writes a line to ``path`` when closed; never ends an episode itself."""
+
+    def __init__(self, *, path: str):
+        self.path = path
+
+    def reset(self, row):
+        pass
+
+    def step(self, action):
+        return "more", 0.0, False
+
+    def close(self):
+        with open(self.path, "a") as f:
+            f.write("closed\n")
+
+
+class Narrator:
+    role = "narrator"
+
+    def reset(self, row):
+        pass
+
+    def step(self, action):
+        return "x", 0.0, False
+
+
+def test_episodes_the_environment_did_not_end_are_closed(tok, tmp_path):
+    path = tmp_path / "closed.txt"
+    out, _ = run(tok, f"{HERE}:Closes", lambda ctx: "a", [{"prompt": "p", "answer": ""}], [[5]], n=3,
+                 limits=Limits(2, 64, 8, 64), args={"path": str(path)})
+    assert [c.finish_reason for c in out] == ["turns"] * 3
+    assert path.read_text().count("closed") == 3  # each episode's environment, when the turn limit ended it
+
+
+def test_observations_the_template_cannot_render_fail_their_episode(tok):
+    # a role the template does not know fails at reset, naming it
+    [c], _ = run(tok, f"{HERE}:Narrator", lambda ctx: "a", [CHAT_ROW], [chat_prompt(tok)])
+    assert "its role 'narrator' is not one of system, user, assistant, tool" in c.episode["error"]
+    # a template that rewrites earlier turns fails the episode at its first observation, not the run
+    # (as "thinking" templates drop an earlier assistant turn's reasoning: here its whole content)
+    thinking = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'A:' }}{% if loop.last %}"
+                "{{ m['content'] }}{% endif %}{{ eos_token }}{% else %}{{ m['role'][0] + ':' + m['content'] + '\n' }}"
+                "{% endif %}{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
+    worker = EnvWorker("tools", {}, timeout_s=5)
+    try:
+        [c] = play(scripted(tok, calc_policy), worker, [CHAT_ROW], [chat_prompt(tok)],
+                   SamplingSpec(n=1, max_new_tokens=32, temperature=1.0, seed=1), ChatRenderer(tok, thinking),
+                   Limits(4, 256, 32, 256))
+    finally:
+        worker.shutdown()
+    assert c.finish_reason == "stop" and "cannot be rendered" in c.episode["error"]
+    assert "rewriting the turns before it" in c.episode["error"] and c.episode["rewards"] == [0.0]
+
+
+def test_prompts_of_different_room_do_not_share_the_first_request(tok):
+    short, long = tok("1+2=").input_ids, tok("x" * 40).input_ids
+    rows = [{"prompt": "1+2=", "answer": ""}, {"prompt": "x" * 40, "answer": ""}]
+    worker = EnvWorker("guess", {"max_guesses": 1}, timeout_s=5)
+    generate = scripted(tok, lambda ctx: "12345678")
+    try:
+        out = play(generate, worker, rows, [short, long], SamplingSpec(n=2, max_new_tokens=9, temperature=1.0, seed=1),
+                   ChatRenderer(tok), Limits(1, 64, 9, 46))
+    finally:
+        worker.shutdown()
+    # the long prompt leaves 6 tokens of context; the short one's turns still get their 9 (8 digits and the end)
+    assert [c.finish_reason for c in out] == ["stop", "stop", "length", "length"]
+    assert [len(c.token_ids) for c in out] == [9, 9, 6, 6]
