@@ -36,6 +36,7 @@ def bigram_model(out: Path) -> Path:
 
     spec = json.loads((ROOT / "configs" / "models" / "tiny_llama.json").read_text())
     tok = build_tokenizer(spec["chars"])
+    tok.chat_template = None  # a completion model: its chains continue the judge's prompt text as it is
     cfg = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, **spec["llama"])
     assert cfg.hidden_size >= cfg.vocab_size  # room for one-hot embeddings

@@ -84,3 +84,25 @@ def test_the_base_learns_to_call_the_calculator(tmp_path, monkeypatch):
 
 
 ACCURACY = 0.4  # from 0.0; measured 0.62 (README's benchmark table)
+
+
+@pytest.mark.parametrize("overrides", [["train.max_staleness=1"], ["rollout.backend=vllm", "rollout.dtype=float32"]],
+                         ids=["async", "vllm"])
+def test_episodes_train_in_async_mode_and_on_vllm_engines(tmp_path, monkeypatch, overrides):
+    """The episodes' path through the async supply (rollouts made a step ahead, in its thread; the checkpoint at
+    step 2 writes the rollouts made ahead, episodes and all, as msgpack) and through vLLM engines: every step trains
+    on 128 episodes whose environment never failed."""
+    from tests.runs import train
+
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(ROOT / "configs/tool_use.yaml",
+                      ["train.steps=3", "algo.mu_hold_steps=0", "algo.mu_peak=0.5", "algo.mu_decay_steps=0",
+                       "algo.mu_valley=0.5", "train.eval_every=0", "train.eval_max_rows=16", "checkpoint.every=2",
+                       *overrides])
+    records = [r for r in train(cfg, tmp_path / "run") if not r.get("initial")]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for r in records:
+        assert r["episodes"] == 128 and r["env/failures"] == 0 and r["env/turns"] >= 1.0, r
+        assert r["expert_rows"] == 128 and r["samples"] == 128
+    if cfg.train.max_staleness:
+        assert max(r["policy_lag"] for r in records) == 1
