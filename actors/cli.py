@@ -230,26 +230,18 @@ def _play_model(worker, rows: list[dict], args: argparse.Namespace) -> list[dict
 
     from transformers import AutoTokenizer
 
+    from actors.datasets import RunData, tokenize
     from actors.episodes import Limits, play
-    from rollout.chat import ChatRenderer, TemplateError, conversation
-    from rollout.data import DataError
     from rollout.engine import HFBackend
     from rollout.types import SamplingSpec
 
     if not (P(args.model) / "config.json").is_file():
         raise ConfigError(f"--model: '{args.model}' is not a Hugging Face model directory (no config.json)")
     tok = AutoTokenizer.from_pretrained(args.model)
-    template = P(args.chat_template).read_text(encoding="utf-8") if args.chat_template else ""
-    renderer = ChatRenderer(tok, template, model=args.model)
-    prompts = []
-    for i, row in enumerate(rows):
-        try:
-            text, ids = renderer.prompt(row)
-        except TemplateError as exc:
-            raise DataError(f"{args.file}: row {i + 1}: {exc}") from None
-        if conversation(row) is not None:
-            row["messages"], row["prompt"] = conversation(row), text
-        prompts.append(ids)
+    # rendered as training renders them (a conversation's prompt becomes its rendered text); errors name file and row
+    tokens = tokenize(RunData(prompts=rows, expert=[], eval_sets={}, paths={"prompts": args.file}), tok,
+                      chat_template=args.chat_template, model=args.model)
+    renderer, prompts = tokens.renderer, tokens.prompts
     engine = HFBackend(args.model, dtype="float32", seed=args.seed)
     max_len = engine.model.config.max_position_embeddings
     spec = SamplingSpec(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)

@@ -43,55 +43,26 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import importlib
 import inspect
 import math
 import operator
 import re
 from typing import Callable
 
-from rewards.registry import check_target_args
+from rewards.registry import check_target_args, import_attr, registrar
 
 _ENVS: dict[str, type] = {}
 _TOOLS: dict[str, Callable[[str], str]] = {}
 
 
-def register_env(name: str):
-    """Register an environment class under ``name`` (a decorator)."""
-
-    def wrap(cls: type) -> type:
-        if name in _ENVS:
-            raise ValueError(f"environment '{name}' is registered twice")
-        _ENVS[name] = cls
-        return cls
-
-    return wrap
-
-
-def register_tool(name: str):
-    """Register a tool function ``fn(argument: str) -> str`` under ``name`` (a decorator)."""
-
-    def wrap(fn: Callable[[str], str]) -> Callable[[str], str]:
-        if name in _TOOLS:
-            raise ValueError(f"tool '{name}' is registered twice")
-        _TOOLS[name] = fn
-        return fn
-
-    return wrap
-
-
-def _import(name: str, kind: str):
-    module, _, attr = name.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise KeyError(f"{kind} '{name}': cannot import ({exc})") from None
+register_env = registrar(_ENVS, "environment")  # register_env("name") on an environment class
+register_tool = registrar(_TOOLS, "tool")  # register_tool("name") on a tool function fn(argument: str) -> str
 
 
 def resolve_env(name: str) -> type:
     """A registered name, or ``module:Class`` of the user's own module."""
     if ":" in name:
-        cls = _import(name, "environment")
+        cls = import_attr(name, "environment")
     elif name in _ENVS:
         cls = _ENVS[name]
     else:
@@ -116,7 +87,7 @@ def env_factory(name: str, args: dict) -> Callable[[], object]:
 
 def resolve_tool(name: str) -> Callable[[str], str]:
     if ":" in name:
-        return _import(name, "tool")
+        return import_attr(name, "tool")
     if name not in _TOOLS:
         raise KeyError(f"tool '{name}' is not registered; known: {sorted(_TOOLS)} (or module:function)")
     return _TOOLS[name]

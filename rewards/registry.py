@@ -42,16 +42,32 @@ RewardFn = Callable[..., list]
 _REGISTRY: dict[str, RewardFn] = {}
 
 
-def register(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Register a reward function or class under ``name`` (a decorator)."""
+def registrar(table: dict, kind: str) -> Callable[[str], Callable]:
+    """``register(name)``, a decorator that puts what it decorates into ``table`` under ``name`` (a name taken twice
+    raises, naming the ``kind``): the registries of rewards here, of environments and tools in rewards/envs.py."""
 
-    def wrap(fn: RewardFn) -> RewardFn:
-        if name in _REGISTRY:
-            raise ValueError(f"reward '{name}' is registered twice")
-        _REGISTRY[name] = fn
-        return fn
+    def register(name: str) -> Callable:
+        def wrap(obj):
+            if name in table:
+                raise ValueError(f"{kind} '{name}' is registered twice")
+            table[name] = obj
+            return obj
 
-    return wrap
+        return wrap
+
+    return register
+
+
+register = registrar(_REGISTRY, "reward")  # register("name") on a reward function or class
+
+
+def import_attr(name: str, kind: str):
+    """``module:attr`` of the user's own module (``kind`` names it in the error): KeyError if it cannot be had."""
+    module, _, attr = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise KeyError(f"{kind} '{name}': cannot import ({exc})") from None
 
 
 def _row_params(fn) -> tuple[set[str], bool]:
@@ -262,11 +278,7 @@ def resolve(name: str) -> RewardFn:
     import rewards.structured  # noqa: F401
 
     if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            raise KeyError(f"reward '{name}': cannot import ({exc})") from None
+        return import_attr(name, "reward")
     if name not in _REGISTRY:
         raise KeyError(f"reward '{name}' is not registered; known: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
